@@ -1,0 +1,180 @@
+"""The adapter interface every model family implements, and the batching driver around it.
+
+An adapter wraps one loaded model. It runs **batched, energy-only** forward passes (no
+force/backward pass) and returns, for each atom, the features of the requested layer plus
+the model's own energy prediction from the same pass. For ``layer="last"`` it also exposes
+the model's readout as an explicit affine map (:class:`~umlip_latents.features.Readout`),
+derived from the model's own modules, so energies can be re-read from stored features.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+
+import numpy as np
+
+from ..datasets import validate_structure
+from ..errors import UnsupportedElement
+from ..features import Block, FeatureSet, Readout
+from ..registry import ModelSpec
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``"auto"`` becomes ``"cuda"`` when a GPU is visible, else ``"cpu"``."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Adapter(abc.ABC):
+    """One loaded model of a family. Subclasses live in ``extract/<family>.py``."""
+
+    #: atoms per forward pass when the caller gives no batch size (CPU); GPUs take 4x.
+    default_batch_atoms = 2000
+
+    def __init__(self, spec: ModelSpec, device: str):
+        self.spec = spec
+        self.device = device
+
+    @classmethod
+    @abc.abstractmethod
+    def load(cls, spec: ModelSpec, device: str) -> "Adapter":
+        """Load the model or raise :class:`~umlip_latents.errors.ModelUnavailable` saying how to fix it."""
+
+    @classmethod
+    def availability(cls, spec: ModelSpec) -> tuple[bool, str]:
+        """Whether the weights can be had without downloading, and a one-line explanation."""
+        return True, "bundled"
+
+    @property
+    @abc.abstractmethod
+    def supported_elements(self) -> set[int]:
+        """Atomic numbers the model can featurise."""
+
+    @abc.abstractmethod
+    def forward(self, structures: list, layer: str) -> tuple[np.ndarray, list[Block], np.ndarray]:
+        """One batched energy-only pass.
+
+        Returns ``(values, blocks, energy)``: per-atom features (n_atoms, D) in the order of
+        the structures and their atoms, the named column blocks, and the model's predicted
+        total energy per structure (eV).
+        """
+
+    @abc.abstractmethod
+    def readout(self) -> Readout:
+        """The model's own map from ``layer="last"`` features to per-atom energy."""
+
+    def checkpoint_sha256(self) -> str | None:
+        """sha256 of the checkpoint file the weights came from, when there is one."""
+        return None
+
+    def versions(self) -> dict:
+        """Versions of the packages that define the model."""
+        return {}
+
+
+def check_elements(adapter: Adapter, structures: list, on_unsupported: str = "raise") -> list[int]:
+    """Indices of the structures the model supports.
+
+    ``on_unsupported="raise"`` raises :class:`UnsupportedElement` naming the element, the
+    structure and the model; ``"skip"`` drops such structures (their ids are recorded in
+    the FeatureSet's ``meta["skipped"]``).
+    """
+    if on_unsupported not in ("raise", "skip"):
+        raise ValueError("on_unsupported must be 'raise' or 'skip'")
+    from ase.data import chemical_symbols
+
+    ok = adapter.supported_elements
+    keep = []
+    for i, atoms in enumerate(structures):
+        bad = sorted(set(int(z) for z in atoms.numbers) - ok)
+        if not bad:
+            keep.append(i)
+        elif on_unsupported == "raise":
+            sid = atoms.info.get("structure_id", f"#{i}")
+            names = ", ".join(chemical_symbols[z] for z in bad)
+            raise UnsupportedElement(
+                f"model {adapter.spec.key} does not support element(s) {names} found in structure {sid}; "
+                "pass on_unsupported='skip' to leave such structures out"
+            )
+    return keep
+
+
+def batches(structures: list, batch_atoms: int):
+    """Consecutive slices of ``structures`` holding at most ``batch_atoms`` atoms (at least one structure)."""
+    start, count = 0, 0
+    for i, atoms in enumerate(structures):
+        if count and count + len(atoms) > batch_atoms:
+            yield start, i
+            start, count = i, 0
+        count += len(atoms)
+    if start < len(structures):
+        yield start, len(structures)
+
+
+def run_adapter(adapter: Adapter, structures: list, layer: str = "last", batch_size: int | None = None,
+                on_unsupported: str = "raise", progress=None) -> FeatureSet:
+    """Featurise ``structures`` with a loaded adapter, in batches of about ``batch_size`` atoms."""
+    if layer not in adapter.spec.layers:
+        raise ValueError(f"model {adapter.spec.key} offers layers {sorted(adapter.spec.layers)}, not {layer!r}")
+    for i, atoms in enumerate(structures):
+        validate_structure(atoms, atoms.info.get("structure_id", f"#{i}"))
+    keep = check_elements(adapter, structures, on_unsupported)
+    skipped = [structures[i].info.get("structure_id", f"#{i}") for i in range(len(structures)) if i not in set(keep)]
+    structures = [structures[i] for i in keep]
+    if batch_size is None:
+        batch_size = adapter.default_batch_atoms * (4 if adapter.device.startswith("cuda") else 1)
+    values, energies, blocks = [], [], None
+    t0 = time.perf_counter()
+    for lo, hi in batches(structures, batch_size):
+        v, b, e = adapter.forward(structures[lo:hi], layer)
+        values.append(np.asarray(v, dtype=np.float32))
+        energies.append(np.asarray(e, dtype=np.float64))
+        blocks = b
+        if progress is not None:
+            progress(hi - lo, sum(len(a) for a in structures[lo:hi]))
+    seconds = time.perf_counter() - t0
+    n_atoms = np.array([len(a) for a in structures], dtype=np.int64)
+    species = np.concatenate([a.numbers for a in structures]).astype(np.int64) if structures else np.zeros(0, np.int64)
+    dim = blocks[-1].stop if blocks else 0
+    meta = {
+        "model": adapter.spec.key,
+        "family": adapter.spec.family,
+        "layer": layer,
+        "device": adapter.device,
+        "batch_atoms": batch_size,
+        "checkpoint_sha256": adapter.checkpoint_sha256(),
+        "versions": adapter.versions(),
+        "seconds": seconds,
+        "atoms_per_second": float(n_atoms.sum() / seconds) if seconds > 0 else None,
+        "skipped": skipped,
+    }
+    return FeatureSet(
+        values=np.concatenate(values) if values else np.zeros((0, dim), np.float32),
+        structure_index=np.repeat(np.arange(len(structures)), n_atoms),
+        species=species,
+        blocks=list(blocks or []),
+        meta=meta,
+        structure_ids=[a.info.get("structure_id", f"#{i}") for i, a in enumerate(structures)],
+        energy=np.concatenate(energies) if energies else np.zeros(0),
+        readout=adapter.readout() if layer == "last" else None,
+    )
+
+
+def affine_probe(fn, dim: int, dtype, device) -> tuple[np.ndarray, float]:
+    """Weights and bias of an affine map ``fn: (n, dim) -> (n,)`` read off by probing it.
+
+    ``fn`` is the model's own module (e.g. an e3nn ``Linear`` on invariant channels); the
+    unit vectors and the zero vector give its exact matrix and offset.
+    """
+    import torch
+
+    with torch.no_grad():
+        eye = torch.eye(dim, dtype=dtype, device=device)
+        zero = torch.zeros(1, dim, dtype=dtype, device=device)
+        b = fn(zero).reshape(-1)[0]
+        w = fn(eye).reshape(-1) - b
+    return w.double().cpu().numpy(), float(b)

@@ -1,0 +1,61 @@
+"""Every location the toolkit reads or writes, in one place.
+
+Each folder can be moved with an environment variable; nothing is created on import.
+
+==========================  ===============================  ==================================
+variable                    default                          holds
+==========================  ===============================  ==================================
+``UMLIP_LATENTS_DATA``      ``<project>/data/cache``         downloaded dataset files
+``UMLIP_LATENTS_STORE``     ``<project>/store``              extracted features
+``UMLIP_LATENTS_CHECKPOINTS`` ``<project>/checkpoints``      local model checkpoints
+``UMLIP_LATENTS_ENVS``      ``<project>/.envs``              per-family virtual environments
+==========================  ===============================  ==================================
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def project_root() -> Path:
+    """The repository root (the folder holding ``models/`` and ``data/datasets.yml``)."""
+    env = os.environ.get("UMLIP_LATENTS_ROOT")
+    if env:
+        return Path(env).resolve()
+    return Path(__file__).resolve().parents[2]
+
+
+def _from_env(var: str, default: Path) -> Path:
+    value = os.environ.get(var)
+    return Path(value).expanduser().resolve() if value else default
+
+
+def data_dir() -> Path:
+    """Cache of downloaded dataset files."""
+    return _from_env("UMLIP_LATENTS_DATA", project_root() / "data" / "cache")
+
+
+def store_dir() -> Path:
+    """Root of the on-disk feature store."""
+    return _from_env("UMLIP_LATENTS_STORE", project_root() / "store")
+
+
+def checkpoints_dir() -> Path:
+    """Folder searched for local checkpoints (``<key>.model``, ``<key>.pth`` ...)."""
+    return _from_env("UMLIP_LATENTS_CHECKPOINTS", project_root() / "checkpoints")
+
+
+def envs_dir() -> Path:
+    """Folder of the per-family virtual environments made by ``make setup``."""
+    return _from_env("UMLIP_LATENTS_ENVS", project_root() / ".envs")
+
+
+def models_dir() -> Path:
+    """Model registry folder (one YAML file per model)."""
+    return project_root() / "models"
+
+
+def datasets_file() -> Path:
+    """Dataset registry."""
+    return project_root() / "data" / "datasets.yml"
