@@ -9,11 +9,13 @@ runs in its own virtual environment through :mod:`umlip_latents.extract.worker`.
 from __future__ import annotations
 
 import importlib
+import json
 import os
+from functools import lru_cache
 
 from ..errors import ModelUnavailable
 from ..features import FeatureSet
-from ..registry import ModelSpec, get_spec
+from ..registry import ModelSpec, get_spec, local_checkpoint
 from .base import Adapter, resolve_device, run_adapter
 
 ADAPTERS = {
@@ -51,6 +53,15 @@ def load_adapter(model: str | ModelSpec, device: str = "auto") -> Adapter:
     return cls.load(spec, resolve_device(device))
 
 
+@lru_cache(maxsize=4)
+def _cached_adapter(spec_json: str, device: str, stamp: str = "") -> Adapter:
+    """Loaded adapters, reused across calls (e.g. the shards of one store entry).
+
+    ``stamp`` identifies the checkpoint file (size, mtime) so a rewritten file reloads.
+    """
+    return load_adapter(ModelSpec(**json.loads(spec_json)), device)
+
+
 def extract_features(model_key: str | ModelSpec, structures: list, layer: str = "last", device: str = "auto",
                      batch_size: int | None = None, on_unsupported: str = "raise") -> FeatureSet:
     """Per-atom features of ``model_key`` on ``structures``.
@@ -84,7 +95,9 @@ def extract_features(model_key: str | ModelSpec, structures: list, layer: str = 
 
         return run_in_environment(spec, structures, layer=layer, device=device,
                                   batch_size=batch_size, on_unsupported=on_unsupported)
-    adapter = load_adapter(spec, device)
+    ckpt = local_checkpoint(spec)
+    stamp = f"{ckpt}:{ckpt.stat().st_size}:{ckpt.stat().st_mtime_ns}" if ckpt else ""
+    adapter = _cached_adapter(json.dumps(spec.to_dict(), sort_keys=True), resolve_device(device), stamp)
     return run_adapter(adapter, structures, layer=layer, batch_size=batch_size, on_unsupported=on_unsupported)
 
 

@@ -1,0 +1,48 @@
+# make setup  – create/refresh the environments (idempotent: re-runs pip only when a pin file changed)
+# make run    – main job: fetch data and extract the offline model panel on the default set, then run
+#               notebooks/01-extraction.ipynb with papermill into runs/
+# make test   – set up, then run the test suite and the notebook regression (nbval)
+PYTHON ?= python3.11
+VENV   := .venv
+ENVS   ?= .envs
+FAMILY_ENVS := sevenn
+PARAMS ?= params/default.yml
+PANEL  := chgnet-0.3.0 chgnet-0.2.0 chgnet-r2scan diep sevennet-0 sevennet-0-22may2024 sevennet-l3i5 sevennet-mf-0
+PY := $(VENV)/bin/python
+
+.PHONY: setup run extract notebooks test test-fast benchmark clean-envs
+
+setup: $(VENV)/.stamp $(foreach e,$(FAMILY_ENVS),$(ENVS)/$(e)/.stamp)
+
+$(VENV)/.stamp: requirements/main.txt pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements/main.txt
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $@
+
+$(ENVS)/%/.stamp: requirements/%.txt pyproject.toml
+	test -x $(ENVS)/$*/bin/python || $(PYTHON) -m venv $(ENVS)/$*
+	$(ENVS)/$*/bin/pip install --quiet --disable-pip-version-check -r requirements/$*.txt
+	$(ENVS)/$*/bin/pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $@
+
+extract: setup
+	$(VENV)/bin/umlip-latents datasets fetch
+	for m in $(PANEL); do for l in last backbone; do \
+	  $(VENV)/bin/umlip-latents extract --dataset default --model $$m --layer $$l || exit 1; done; done
+
+notebooks: setup
+	mkdir -p runs
+	$(VENV)/bin/papermill notebooks/01-extraction.ipynb runs/01-extraction.ipynb -f $(PARAMS) --cwd notebooks
+
+run: extract notebooks
+
+test: setup
+	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q --nbval-lax --sanitize-with tests/nbval_sanitize.cfg notebooks
+
+benchmark: setup
+	$(VENV)/bin/python benchmarks/extraction.py
+
+clean-envs:
+	rm -rf $(VENV) $(ENVS)

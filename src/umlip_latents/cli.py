@@ -1,0 +1,127 @@
+"""Command line: ``umlip-latents datasets|models|extract``.
+
+Every expected failure (unknown model, missing checkpoint, malformed file, unsupported
+element, checksum mismatch) prints one ``error:`` line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .errors import UmlipLatentsError
+
+
+def _datasets(args) -> int:
+    from . import datasets
+
+    reg = datasets.registry()
+    if args.action == "list":
+        for name, spec in sorted(reg["datasets"].items()):
+            print(f"{name:26s} {spec.get('description', '')}")
+        for name, spec in sorted(reg.get("collections", {}).items()):
+            print(f"{name:26s} collection of {', '.join(spec['members'])}")
+        return 0
+    names = args.names or [n for n, s in reg["datasets"].items() if "archive" in s]
+    for name in names:
+        print(f"{name}: {datasets.fetch(name)}")
+    return 0
+
+
+def models_table():
+    """One row per registered model: key, family, environment, source, availability."""
+    from .extract import adapter_class
+    from .registry import load_registry
+
+    rows = []
+    for key, spec in sorted(load_registry().items()):
+        try:
+            ok, why = adapter_class(spec.family).availability(spec) if spec.environment == "main" else _env_availability(spec)
+        except ImportError as exc:
+            ok, why = False, f"{spec.family} not importable in this environment ({exc}); run `make setup`"
+        rows.append({"key": key, "family": spec.family, "environment": spec.environment,
+                     "source": spec.source["kind"], "training_data": spec.training_data,
+                     "functional": spec.functional, "available": ok, "why": why})
+    return rows
+
+
+def _env_availability(spec) -> tuple[bool, str]:
+    from .extract.worker import environment_python
+
+    python = environment_python(spec.environment)
+    if not python.exists():
+        return False, f"environment {spec.environment!r} missing ({python.parent.parent}); run `make setup`"
+    if spec.source["kind"] == "wheel":
+        return True, f"bundled in the {spec.source['package']} wheel (environment {spec.environment})"
+    return True, f"environment {spec.environment} present"
+
+
+def _models(args) -> int:
+    for row in models_table():
+        flag = "yes" if row["available"] else "no "
+        print(f"{row['key']:24s} {row['family']:7s} env={row['environment']:7s} available={flag} {row['why']}")
+    return 0
+
+
+def _extract(args) -> int:
+    from tqdm import tqdm
+
+    from .datasets import load_dataset
+    from .store import get_features
+
+    structures = load_dataset(args.dataset, limit=args.limit, seed=args.seed)
+    total = sum(len(a) for a in structures)
+    bar = tqdm(total=len(structures), unit="struct", desc=f"{args.model}/{args.layer}", disable=args.quiet)
+    t0 = time.perf_counter()
+    fs = get_features(args.dataset, args.model, args.layer, structures=structures, limit=args.limit,
+                      seed=args.seed, device=args.device, batch_size=args.batch_size,
+                      on_unsupported=args.on_unsupported, recompute=args.recompute,
+                      progress=lambda n, _atoms: bar.update(n))
+    bar.close()
+    dt = time.perf_counter() - t0
+    skipped = len(fs.meta.get("extraction", {}).get("skipped", []))
+    print(f"{args.model} {args.layer}: {fs.n_structures} structures, {fs.n_atoms} atoms (of {total}), "
+          f"D={fs.dim}, {dt:.1f} s, skipped {skipped} -> {fs.meta.get('dataset_label')}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="umlip-latents", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("datasets", help="list or fetch datasets")
+    d.add_argument("action", choices=["list", "fetch"])
+    d.add_argument("names", nargs="*")
+    d.set_defaults(func=_datasets)
+    m = sub.add_parser("models", help="list registered models and whether they can be loaded here")
+    m.add_argument("action", choices=["list"])
+    m.set_defaults(func=_models)
+    e = sub.add_parser("extract", help="extract features into the store")
+    e.add_argument("--dataset", required=True)
+    e.add_argument("--model", required=True)
+    e.add_argument("--layer", default="last", choices=["last", "backbone"])
+    e.add_argument("--limit", type=int)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--batch-size", type=int, help="atoms per forward pass")
+    e.add_argument("--on-unsupported", default="raise", choices=["raise", "skip"])
+    e.add_argument("--recompute", action="store_true")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=_extract)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UmlipLatentsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; finished shards are kept and the next run resumes", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

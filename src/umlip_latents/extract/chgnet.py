@@ -1,0 +1,249 @@
+"""CHGNet adapter (``chgnet`` package, pretrained weights shipped in its wheel).
+
+How a CHGNet energy is made (``chgnet.model.model.CHGNet._compute`` / ``forward``)
+-------------------------------------------------------------------------------
+Atom features (``atom_embedding``) go through ``n_conv = 4`` ``AtomConv`` layers
+(``atom_conv_layers``; bond and angle updates in between), then through the optional
+``readout_norm`` (a ``LayerNorm`` in 0.3.0 and r2scan, absent in 0.2.0). With
+``mlp_first=True`` (all released checkpoints) the readout MLP ``mlp`` maps every atom to a
+site energy, ``GraphPooling`` sums them and, the model being intensive, divides by the
+number of atoms (mean pooling: energy per atom). The composition model ``AtomRef`` adds
+``fc(counts / n_atoms)``, i.e. the mean over atoms of a per-element reference energy.
+The total energy is ``e_per_atom * n_atoms``
+(what :class:`chgnet.model.dynamics.CHGNetCalculator` reports), therefore
+
+``E = sum_i [ mlp.layers[-1](h_i) + AtomRef.fc.weight[Z_i - 1] ]``
+
+and the per-element reference energy folds exactly into ``Readout.bias[Z]``.
+
+Layers
+------
+``last``
+    Input of the final ``nn.Linear(64, 1)`` of the energy MLP (``mlp.layers[-1]``), i.e.
+    the output of the MLP's last SiLU hidden layer (the dropout before it is inactive in
+    eval mode). Site energy = ``W h + b`` and :meth:`ChgnetAdapter.readout` gives
+    ``weight[Z] = W``, ``bias[Z] = b + AtomRef[Z]``. Dimension 64 for chgnet-0.3.0,
+    chgnet-0.2.0 and chgnet-r2scan.
+``backbone``
+    Atom features entering ``mlp``: output of the last ``AtomConv`` layer after
+    ``readout_norm`` (0.3.0, r2scan) or the raw last ``AtomConv`` output (0.2.0, which has
+    no readout norm). Dimension 64 (``atom_fea_dim``) for all three checkpoints.
+
+Both are read with forward hooks during one batched ``CHGNet.forward(graphs, task="e")``
+call (energy only: no force, stress or magmom), which also gives the model's energy.
+Graphs are built per structure with the model's own ``graph_converter``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import io
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ModelUnavailable
+from ..features import Block, Readout
+from ..registry import ModelSpec, local_checkpoint
+from .base import Adapter
+
+#: vacuum (Angstrom) added beyond the atom-graph cutoff when a non-periodic axis has no cell vector
+_VACUUM = 2.0
+
+
+def _wheel_checkpoint(name: str) -> Path | None:
+    """The checkpoint file ``chgnet/pretrained/<name>/*.pth.tar`` of the installed wheel (no import)."""
+    found = importlib.util.find_spec("chgnet")
+    if found is None or not found.submodule_search_locations:
+        return None
+    for root in found.submodule_search_locations:
+        files = sorted((Path(root) / "pretrained" / name).glob("*.pth.tar"))
+        if files:
+            return files[0]
+    return None
+
+
+def _to_structure(atoms, cutoff: float):
+    """A pymatgen ``Structure`` of ``atoms`` (numbers, positions, cell, pbc only).
+
+    Periodic axes keep their cell vectors. When the cell is singular (e.g. a molecule with
+    no cell), the missing non-periodic vectors are replaced by orthogonal ones longer
+    than the structure's extent plus the cutoff; pymatgen does not image non-periodic
+    axes, so this does not change the graph.
+    """
+    from ase import Atoms
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    cell = np.array(atoms.cell.array, dtype=float)
+    pbc = np.array(atoms.pbc, dtype=bool)
+    if abs(np.linalg.det(cell)) < 1e-8 and not pbc.all():
+        pos = atoms.get_positions()
+        length = float(np.ptp(pos, axis=0).max()) + cutoff + _VACUUM if len(pos) else cutoff + _VACUUM
+        keep = [i for i in range(3) if pbc[i] or np.linalg.norm(cell[i]) > 1e-8]
+        basis = [cell[i] / np.linalg.norm(cell[i]) for i in keep]
+        for i in range(3):
+            if i in keep:
+                continue
+            for trial in np.eye(3):  # Gram-Schmidt against the vectors kept so far
+                v = trial - sum(np.dot(trial, b) * b for b in basis)
+                if np.linalg.norm(v) > 1e-3:
+                    break
+            v = v / np.linalg.norm(v)
+            basis.append(v)
+            cell[i] = v * length
+    clean = Atoms(numbers=atoms.numbers, positions=atoms.get_positions(), cell=cell, pbc=pbc)
+    return AseAtomsAdaptor.get_structure(clean)
+
+
+class ChgnetAdapter(Adapter):
+    """A pretrained CHGNet loaded with ``CHGNet.load`` (wheel) or ``CHGNet.from_file`` (local)."""
+
+    def __init__(self, spec: ModelSpec, device: str, model, checkpoint: Path | None):
+        super().__init__(spec, device)
+        self.model = model
+        self.checkpoint = checkpoint
+        self._sha256 = None
+        self.model.graph_converter.set_isolated_atom_response(spec.options.get("on_isolated_atoms", "warn"))
+
+    @classmethod
+    def _checkpoint_path(cls, spec: ModelSpec) -> Path | None:
+        if spec.source["kind"] == "wheel":
+            return _wheel_checkpoint(spec.source["name"])
+        return local_checkpoint(spec)
+
+    @classmethod
+    def availability(cls, spec: ModelSpec) -> tuple[bool, str]:
+        """Whether the checkpoint is on disk (shipped in the chgnet wheel, or a local file)."""
+        if importlib.util.find_spec("chgnet") is None:
+            return False, "the chgnet package is not installed (pip install chgnet)"
+        path = cls._checkpoint_path(spec)
+        if path is None:
+            where = ("in the installed chgnet wheel" if spec.source["kind"] == "wheel"
+                     else "in $UMLIP_LATENTS_CHECKPOINTS")
+            return False, f"no checkpoint for {spec.key} {where}"
+        return True, "bundled in the chgnet wheel" if spec.source["kind"] == "wheel" else f"local file {path.name}"
+
+    @classmethod
+    def load(cls, spec: ModelSpec, device: str) -> "ChgnetAdapter":
+        """Load with chgnet's own loader, in eval mode, on ``device``."""
+        try:
+            from chgnet.model import CHGNet
+        except ImportError as exc:
+            raise ModelUnavailable(f"model {spec.key}: cannot import chgnet ({exc}); pip install chgnet") from exc
+        ok, why = cls.availability(spec)
+        if not ok:
+            raise ModelUnavailable(f"model {spec.key}: {why}; reinstall chgnet>=0.4 or put the checkpoint there")
+        path = cls._checkpoint_path(spec)
+        with contextlib.redirect_stdout(io.StringIO()):  # CHGNet.__init__ prints its parameter count
+            if spec.source["kind"] == "wheel":
+                try:
+                    model = CHGNet.load(model_name=spec.source["name"], use_device=device,
+                                        check_cuda_mem=False, verbose=False)
+                except ValueError as exc:
+                    raise ModelUnavailable(f"model {spec.key}: chgnet does not know {spec.source['name']!r} ({exc})") from exc
+            else:
+                model = CHGNet.from_file(str(path)).to(device)
+        model.eval()
+        if not model.mlp_first:
+            raise ModelUnavailable(f"model {spec.key}: mlp_first=False (pooling before the MLP) has no per-atom readout")
+        comp = model.composition_model
+        if comp is not None and (not hasattr(comp, "fc") or type(comp).__name__ != "AtomRef"
+                                 or comp.is_intensive != model.is_intensive):
+            raise ModelUnavailable(f"model {spec.key}: composition model {type(comp).__name__} is not a per-atom AtomRef")
+        return cls(spec, device, model, path)
+
+    @property
+    def supported_elements(self) -> set[int]:
+        """Z = 1 .. 94 (rows of ``atom_embedding``)."""
+        return set(range(1, self.model.atom_embedding.embedding.num_embeddings + 1))
+
+    def _final_linear(self):
+        import torch
+
+        lin = self.model.mlp.layers[-1] if hasattr(self.model.mlp, "layers") else self.model.mlp[-1]
+        if not isinstance(lin, torch.nn.Linear) or lin.out_features != 1:
+            raise ModelUnavailable(f"model {self.spec.key}: the energy MLP does not end in a Linear(D, 1)")
+        return lin
+
+    def _sources(self, layer: str) -> str:
+        if layer == "last":
+            lin = self._final_linear()
+            return f"CHGNet.mlp.layers[-1] input (final nn.Linear({lin.in_features}, 1) of the energy MLP)"
+        norm = "readout_norm(atom_conv_layers[-1] output)" if self.model.readout_norm is not None \
+            else "atom_conv_layers[-1] output (no readout_norm)"
+        return f"CHGNet.mlp input: {norm}"
+
+    def forward(self, structures: list, layer: str) -> tuple[np.ndarray, list[Block], np.ndarray]:
+        """One batched ``CHGNet.forward(graphs, task="e")`` with a hook on the requested layer."""
+        import torch
+
+        if layer not in ("last", "backbone"):
+            raise ValueError(f"layer must be 'last' or 'backbone', not {layer!r}")
+        model = self.model
+        cutoff = float(model.graph_converter.atom_graph_cutoff)
+        graphs = [
+            model.graph_converter(_to_structure(atoms, cutoff), graph_id=str(atoms.info.get("structure_id", i)))
+            .to(self.device)
+            for i, atoms in enumerate(structures)
+        ]
+        captured = {}
+
+        def grab(_module, args):
+            captured["x"] = args[0].detach()
+
+        target = self._final_linear() if layer == "last" else model.mlp
+        handle = target.register_forward_pre_hook(grab)
+        try:
+            with torch.no_grad():
+                pred = model(graphs, task="e")
+        finally:
+            handle.remove()
+        n_atoms = torch.tensor([len(a) for a in structures], dtype=torch.float64)
+        e = pred["e"].detach().double().cpu()
+        energy = (e * n_atoms if model.is_intensive else e).numpy()
+        values = captured["x"].cpu().numpy()
+        if values.shape[0] != int(n_atoms.sum()):
+            raise RuntimeError(f"hook captured {values.shape[0]} rows for {int(n_atoms.sum())} atoms")
+        blocks = [Block(layer, 0, values.shape[1], self._sources(layer))]
+        return values, blocks, energy
+
+    def readout(self) -> Readout:
+        """``weight[Z] = W``, ``bias[Z] = b + AtomRef[Z]`` of the final Linear and composition model.
+
+        Rows of elements the model does not support (Z = 0, Z > 94) are zero.
+        """
+        lin = self._final_linear()
+        w = lin.weight.detach().double().cpu().numpy().reshape(-1)
+        b = float(lin.bias.detach().double().cpu()) if lin.bias is not None else 0.0
+        zs = np.array(sorted(self.supported_elements))
+        weight = np.zeros((119, w.size))
+        bias = np.zeros(119)
+        weight[zs] = w
+        bias[zs] = b
+        comp = self.model.composition_model
+        if comp is not None:
+            ref = comp.fc.weight.detach().double().cpu().numpy().reshape(-1)
+            n = min(ref.size, int(zs.max()))
+            bias[1:n + 1] += ref[:n]
+        return Readout(weight=weight, bias=bias)
+
+    def checkpoint_sha256(self) -> str | None:
+        """sha256 of the ``.pth.tar`` checkpoint file."""
+        if self._sha256 is None and self.checkpoint is not None:
+            self._sha256 = hashlib.sha256(self.checkpoint.read_bytes()).hexdigest()
+        return self._sha256
+
+    def versions(self) -> dict:
+        """chgnet, torch and pymatgen versions."""
+        from importlib.metadata import PackageNotFoundError, version
+
+        out = {}
+        for pkg in ("chgnet", "torch", "pymatgen"):
+            try:
+                out[pkg] = version(pkg)
+            except PackageNotFoundError:
+                out[pkg] = None
+        out["checkpoint_version"] = self.model.version
+        return out

@@ -1,0 +1,242 @@
+"""DIEP (package ``diep`` 2.x, PyTorch Geometric backend) adapter.
+
+Model and energy
+----------------
+The released potential is a :class:`diep.apps.pes.Potential` wrapping an extensive
+:class:`diep.models.DIEP` (``is_intensive=False``). Its per-atom energy comes from
+``model.final_layer`` (a :class:`~diep.layers.WeightedReadOut`), whose ``gated`` module is a
+two-branch gated MLP on the final node features ``x_i``::
+
+    h_i = gated.layers[:-1](x_i)           # Linear/SiLU stack, 64 features (layers[5] output)
+    s_i = gated.gates(x_i)                 # Linear/SiLU stack ending in Sigmoid, a scalar
+    e_i = (w . h_i + b) * s_i              # w, b: gated.layers[6] = Linear(64, 1)
+    E   = data_std * sum_i e_i + data_mean + sum_i ref[Z_i]
+
+``ref`` are the isolated-atom r2SCAN energies held by ``Potential.element_refs`` (an
+``AtomRef`` indexed by position in ``model.element_types``), ``data_mean`` is 0 for the
+released model and ZBL repulsion is off.
+
+Because of the multiplicative gate, the energy is *not* an affine function of the input of
+the final ``Linear`` alone: ``e_i`` is bilinear in ``h_i`` and ``s_i``, which come from two
+separate nonlinear branches. The closest honest vector from which the energy is read
+*exactly linearly* folds the gate into the features::
+
+    v_i = s_i * [h_i, 1]                   # 65 features
+    E_i = v_i . (data_std * [w, b]) + ref[Z_i]
+
+Layers
+------
+``"last"`` (65 columns, ``diep_fold1``)
+    ``gated_hidden`` (0:64): ``s_i * h_i``, the output of ``gated.layers[5]`` (SiLU, the input
+    of the final ``Linear(64, 1)``) times the gate ``gated.gates`` (Sigmoid) output;
+    ``gate`` (64:65): the gate ``s_i`` itself (it multiplies the final Linear's bias).
+    :meth:`DiepAdapter.readout` gives ``W[Z] = data_std * [w, b]`` for every supported element
+    and ``bias[Z] = ref[Z]``.
+``"backbone"`` (64 columns, ``diep_fold1``)
+    ``node_feat``: the node features after the last ``model.graph_layers`` block (M3GNet-style
+    convolution), i.e. ``g.node_feat`` entering ``model.final_layer``.
+
+Both come from one batched, energy-only call of the package's own ``Potential.forward``
+(forces, stresses and Hessian switched off, ``torch.no_grad``), with graphs built by the
+package's ASE converter (:class:`diep.ext.ase.Atoms2Graph`) from positions wrapped into the
+cell, as :class:`diep.pretrained.DIEPCalculator` does, and merged with
+``torch_geometric.data.Batch``. The returned energy is that call's output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ModelUnavailable, StructureError
+from ..features import Block, Readout
+from ..registry import ModelSpec
+from .base import Adapter
+
+#: files an exported DIEP model directory holds (``diep.pretrained``).
+_MODEL_FILES = ("model.json", "model.pt", "state.pt")
+
+
+def model_dir(spec: ModelSpec) -> Path:
+    """Directory of the exported DIEP model named by ``spec.source``.
+
+    ``wheel``: ``diep/pretrained_models/<name>`` inside the installed package (not
+    ``$DIEP_MODEL_DIR``, so the registered name always means the shipped weights);
+    ``local``: ``source.path``, absolute or relative to the checkpoints folder.
+    """
+    src = spec.source
+    if src["kind"] == "wheel":
+        import importlib.util
+
+        found = importlib.util.find_spec(src.get("package", "diep"))
+        if found is None or found.origin is None:
+            raise ModelUnavailable(f"model {spec.key}: package {src.get('package')!r} is not installed; "
+                                   "run `make setup` (it installs `diep` from PyPI)")
+        return Path(found.origin).parent / "pretrained_models" / src["name"]
+    if src["kind"] == "local":
+        from .. import paths
+
+        p = Path(src["path"]).expanduser()
+        return p if p.is_absolute() else paths.checkpoints_dir() / p
+    raise ModelUnavailable(f"model {spec.key}: DIEP models come from the wheel or a local export, "
+                           f"not source kind {src['kind']!r}")
+
+
+class DiepAdapter(Adapter):
+    """A loaded DIEP potential (see the module docstring for the layers)."""
+
+    def __init__(self, spec: ModelSpec, device: str, potential, path: Path):
+        super().__init__(spec, device)
+        self.potential = potential
+        self.path = path
+        from ase.data import atomic_numbers
+
+        from diep.ext.ase import Atoms2Graph
+
+        model = potential.model
+        self.converter = Atoms2Graph(model.element_types, model.cutoff)
+        self._z = np.array([atomic_numbers[s] for s in model.element_types], dtype=np.int64)
+
+    @classmethod
+    def availability(cls, spec: ModelSpec) -> tuple[bool, str]:
+        try:
+            path = model_dir(spec)
+        except ModelUnavailable as exc:
+            return False, str(exc)
+        missing = [f for f in _MODEL_FILES if not (path / f).is_file()]
+        if missing:
+            return False, f"{path} lacks {', '.join(missing)}"
+        return True, "bundled in the diep wheel" if spec.source["kind"] == "wheel" else f"local export {path}"
+
+    @classmethod
+    def load(cls, spec: ModelSpec, device: str) -> "DiepAdapter":
+        ok, why = cls.availability(spec)
+        if not ok:
+            raise ModelUnavailable(f"model {spec.key}: {why}; reinstall `diep` (pip install diep) "
+                                   "or point source.path at an exported model directory")
+        from diep.pretrained import load_potential
+
+        path = model_dir(spec)
+        # The package's own loader (strict state-dict load); energy only: no forces, stress, Hessian.
+        pot = load_potential(path, device=device, stress=False)
+        pot.calc_forces = False
+        pot.calc_stresses = False
+        pot.calc_hessian = False
+        if pot.calc_repuls:
+            raise ModelUnavailable(f"model {spec.key}: ZBL repulsion is on; its pairwise energy has no "
+                                   "per-atom linear readout, so this adapter cannot re-read energies")
+        if float(pot.data_mean) != 0.0:
+            raise ModelUnavailable(f"model {spec.key}: data_mean={float(pot.data_mean)} is added per "
+                                   "structure, not per atom, so no per-atom readout reproduces it")
+        if getattr(pot.model, "is_intensive", False):
+            raise ModelUnavailable(f"model {spec.key}: an intensive DIEP model has no per-atom energies")
+        if pot.element_refs is not None and pot.element_refs.property_offset.ndim != 1:
+            raise ModelUnavailable(f"model {spec.key}: state-dependent element references are not supported")
+        return cls(spec, device, pot, path)
+
+    @property
+    def supported_elements(self) -> set[int]:
+        return set(int(z) for z in self._z)
+
+    def _graphs(self, structures: list):
+        """Batched graph and (B, 3, 3) lattices built by the package's ASE converter."""
+        import torch
+        from torch_geometric.data import Batch
+
+        graphs, lattices = [], []
+        for i, atoms in enumerate(structures):
+            wrapped = atoms.copy()
+            wrapped.wrap()  # as diep.pretrained.DIEPCalculator; leaves non-periodic axes alone
+            try:
+                g, lat, _ = self.converter.get_graph(wrapped)
+            except ValueError as exc:
+                sid = atoms.info.get("structure_id", f"#{i}")
+                raise StructureError(f"structure {sid}: {exc}") from exc
+            graphs.append(g)
+            lattices.append(lat.reshape(1, 3, 3))
+        return Batch.from_data_list(graphs).to(self.device), torch.cat(lattices).to(self.device)
+
+    def forward(self, structures: list, layer: str) -> tuple[np.ndarray, list[Block], np.ndarray]:
+        """One batched energy-only pass of ``Potential.forward``.
+
+        Parameters
+        ----------
+        structures : list of ase.Atoms
+        layer : {"last", "backbone"}
+
+        Returns
+        -------
+        values : ndarray of shape (n_atoms, 65) for ``"last"``, (n_atoms, 64) for ``"backbone"``
+        blocks : list of Block
+        energy : ndarray of shape (n_structures,)
+            Total energies (eV) of the same pass.
+        """
+        if layer not in ("last", "backbone"):
+            raise ValueError(f"DIEP offers layers 'last' and 'backbone', not {layer!r}")
+        import torch
+
+        pot = self.potential
+        gated = pot.model.final_layer.gated
+        batch, lattice = self._graphs(structures)
+        seen: dict = {}
+        hooks = [
+            gated.layers[-2].register_forward_hook(lambda m, a, out: seen.__setitem__("h", out)),
+            gated.gates.register_forward_hook(lambda m, a, out: seen.__setitem__("s", out)),
+        ]
+        try:
+            with torch.no_grad():
+                energy = pot(batch, lattice)[0]
+        finally:
+            for hook in hooks:
+                hook.remove()
+        energy = energy.reshape(-1).double().cpu().numpy()
+        if layer == "backbone":
+            values = batch.node_feat
+            blocks = [Block("node_feat", 0, values.shape[1],
+                            f"model.graph_layers[{pot.model.n_blocks - 1}] node features (g.node_feat "
+                            "entering model.final_layer)")]
+        else:
+            h, s = seen["h"], seen["s"]
+            values = torch.cat([s * h, s], dim=1)
+            d = h.shape[1]
+            blocks = [
+                Block("gated_hidden", 0, d, "model.final_layer.gated.layers[-2] (SiLU, input of the final "
+                      "Linear) times model.final_layer.gated.gates (Sigmoid gate)"),
+                Block("gate", d, d + 1, "model.final_layer.gated.gates (Sigmoid gate)"),
+            ]
+        return values.detach().float().cpu().numpy(), blocks, energy
+
+    def readout(self) -> Readout:
+        """``E_i = (s_i [h_i, 1]) . (data_std [w, b]) + ref[Z_i]``, from the model's own weights."""
+        pot = self.potential
+        final = pot.model.final_layer.gated.layers[-1]
+        std = float(pot.data_std)
+        w = np.concatenate([final.weight.detach().double().cpu().numpy().reshape(-1),
+                            final.bias.detach().double().cpu().numpy().reshape(-1)]) * std
+        weight = np.zeros((119, w.size))
+        bias = np.zeros(119)
+        weight[self._z] = w
+        if pot.element_refs is not None:
+            bias[self._z] = pot.element_refs.property_offset.detach().double().cpu().numpy()
+        return Readout(weight=weight, bias=bias)
+
+    def checkpoint_sha256(self) -> str | None:
+        """sha256 of ``state.pt`` (the weights) of the exported model."""
+        h = hashlib.sha256()
+        with open(self.path / "state.pt", "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+
+    def versions(self) -> dict:
+        from importlib.metadata import PackageNotFoundError, version
+
+        out = {}
+        for pkg in ("diep", "torch", "torch_geometric", "pymatgen", "ase"):
+            try:
+                out[pkg] = version(pkg)
+            except PackageNotFoundError:
+                pass
+        return out

@@ -1,0 +1,248 @@
+"""SevenNet adapter (package ``sevenn``, run in the ``sevenn`` environment: it needs ``e3nn>=0.5``).
+
+A SevenNet model is an ``AtomGraphSequential`` of named modules (NequIP-style interaction
+blocks ``0_...`` to ``4_...``) followed by the readout::
+
+    x (node scalars after 4_equivariant_gate)
+      -> reduce_input_to_hidden   IrrepsLinear  (128x0e [+ modal one-hot] -> 64x0e, no bias)
+      -> reduce_hidden_to_energy  IrrepsLinear  (64x0e -> 1x0e, no bias)
+      -> rescale_atomic_energy    SpeciesWiseRescale / ModalWiseRescale: E_i = s_Z * y_i + t_Z
+      -> reduce_total_enegy       AtomReduce (sum per structure)
+      -> force_output             autograd forces/stress (removed here)
+
+Layers
+------
+``"last"``
+    The input of ``reduce_hidden_to_energy`` (node feature ``x`` after
+    ``reduce_input_to_hidden``): 64 invariant channels (``64x0e``). The per-atom energy is
+    the linear map ``reduce_hidden_to_energy`` followed by the per-species (and, for MF-0,
+    per-modality) scale and shift of ``rescale_atomic_energy``; both are folded into the
+    :class:`~umlip_latents.features.Readout` (``W[Z] = s_Z w``, ``b[Z] = t_Z``).
+``"backbone"``
+    The input of ``reduce_input_to_hidden``: the 128 invariant node channels (``128x0e``)
+    leaving the last interaction block (``4_equivariant_gate``). For SevenNet-MF-0 the
+    readout appends a constant modality one-hot (2 columns) inside
+    ``reduce_input_to_hidden``; those columns are not part of the features.
+
+Dimensions per registered checkpoint (last / backbone): sevennet-0 64 / 128,
+sevennet-0-22may2024 64 / 128, sevennet-l3i5 64 / 128, sevennet-mf-0 64 / 128.
+
+The pass is the model's own ``forward`` on one ``torch_geometric`` batch of the graphs
+sevenn builds for its ASE calculator (``unlabeled_atoms_to_graph``, cutoff 5 A), in batch
+mode, under ``torch.no_grad`` with the ``force_output`` module deleted (as sevenn's own
+``deploy``/``mliap`` do) so no autograd force or stress is computed. Multi-fidelity
+models get the modality the way the calculator sets it (``data_modality`` per graph,
+mapped through the model's ``modal_map``); the registry's ``options.modal`` names it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from ..errors import ModelUnavailable
+from ..features import Block, Readout
+from ..registry import ModelSpec, local_checkpoint
+from .base import Adapter, affine_probe
+
+#: module whose input is the "last" layer, and the module whose input is the "backbone".
+LAST_MODULE = "reduce_hidden_to_energy"
+BACKBONE_MODULE = "reduce_input_to_hidden"
+RESCALE_MODULE = "rescale_atomic_energy"
+REDUCE_MODULE = "reduce_total_enegy"  # sic, sevenn's module name
+
+
+def _checkpoint_path(spec: ModelSpec) -> str:
+    """Path of the checkpoint file of ``spec`` (bundled in the sevenn wheel, or local)."""
+    src = spec.source
+    if src["kind"] == "local":
+        path = local_checkpoint(spec)
+        if path is None:
+            raise ModelUnavailable(
+                f"model {spec.key}: checkpoint {src['path']!r} not found; put it in the checkpoints "
+                "folder ($UMLIP_LATENTS_CHECKPOINTS)"
+            )
+        return str(path)
+    path = local_checkpoint(spec)
+    if path is not None:
+        return str(path)
+    import sevenn.util
+
+    try:
+        return sevenn.util.pretrained_name_to_path(src["name"])
+    except ValueError as exc:
+        raise ModelUnavailable(f"model {spec.key}: sevenn does not know pretrained model {src['name']!r} ({exc})") from exc
+    except (FileNotFoundError, OSError) as exc:
+        raise ModelUnavailable(
+            f"model {spec.key}: checkpoint of {src['name']!r} is not in the installed sevenn wheel ({exc}); "
+            "reinstall sevenn in the sevenn environment (`make setup`) or put the .pth file in the "
+            f"checkpoints folder as {spec.key}.pth"
+        ) from exc
+
+
+class SevennAdapter(Adapter):
+    """A SevenNet checkpoint loaded with ``sevenn.util.load_checkpoint``."""
+
+    default_batch_atoms = 2000
+
+    def __init__(self, spec: ModelSpec, device: str, model, path: str, modal: str | None):
+        super().__init__(spec, device)
+        self.model = model
+        self.path = path
+        self.modal = modal
+        self.cutoff = float(model.cutoff)
+        self.type_map = {int(z): int(i) for z, i in model.type_map.items()}
+        self._sha256 = None
+
+    @classmethod
+    def load(cls, spec: ModelSpec, device: str) -> "SevennAdapter":
+        """Build the model from its checkpoint, drop its force output and set the modality.
+
+        Raises
+        ------
+        ModelUnavailable
+            When sevenn or the checkpoint is missing, or the modality is not one of the model's.
+        """
+        try:
+            import sevenn.util
+        except ImportError as exc:
+            raise ModelUnavailable(
+                f"model {spec.key}: package sevenn not importable ({exc}); it runs in environment "
+                f"{spec.environment!r} (`make setup`)"
+            ) from exc
+        path = _checkpoint_path(spec)
+        cp = sevenn.util.load_checkpoint(path)
+        model = cp.build_model()
+        modal = spec.options.get("modal")
+        if model.modal_map:
+            modal = modal or cp.config.get("default_modal")
+            if modal not in model.modal_map:
+                raise ModelUnavailable(
+                    f"model {spec.key}: options.modal must be one of {list(model.modal_map)}, got {modal!r}"
+                )
+        elif modal:
+            raise ModelUnavailable(f"model {spec.key}: options.modal={modal!r} given but the model has no modalities")
+        # energy only: no autograd force/stress (sevenn's deploy and mliap do the same)
+        model.delete_module_by_key("force_output")
+        model.key_grad = None
+        model.set_is_batch_data(True)
+        model.to(device)
+        model.eval()
+        return cls(spec, device, model, path, modal)
+
+    @classmethod
+    def availability(cls, spec: ModelSpec) -> tuple[bool, str]:
+        """Whether sevenn is importable and the checkpoint is on disk.
+
+        ``wheel`` checkpoints ship inside the sevenn wheel (sevenn has no download link for
+        them, so resolving the name never downloads); ``loader`` checkpoints are only looked
+        for in the checkpoints folder.
+        """
+        import importlib.util
+
+        if importlib.util.find_spec("sevenn") is None:
+            return False, f"package sevenn not importable here; the model runs in environment {spec.environment!r}"
+        path = local_checkpoint(spec)
+        if path is not None:
+            return True, f"local checkpoint {path}"
+        if spec.source["kind"] == "local":
+            return False, f"local checkpoint {spec.source['path']!r} not in the checkpoints folder"
+        if spec.source["kind"] == "loader":
+            return False, f"sevenn downloads {spec.source['name']!r} on first use (needs internet)"
+        try:
+            return True, f"bundled in the sevenn wheel: {_checkpoint_path(spec)}"
+        except ModelUnavailable as exc:
+            return False, str(exc)
+
+    @property
+    def supported_elements(self) -> set[int]:
+        return set(self.type_map)
+
+    def _batch(self, structures: list):
+        """One ``torch_geometric`` batch of sevenn graphs (as its calculator builds them)."""
+        import sevenn._keys as KEY
+        from sevenn.atom_graph_data import AtomGraphData
+        from sevenn.train.dataload import unlabeled_atoms_to_graph
+        from torch_geometric.data import Batch
+
+        graphs = []
+        for atoms in structures:
+            data = AtomGraphData.from_numpy_dict(unlabeled_atoms_to_graph(atoms, self.cutoff, with_shift=False))
+            if self.modal:
+                data[KEY.DATA_MODALITY] = self.modal
+            graphs.append(data)
+        return Batch.from_data_list(graphs).to(self.device)
+
+    def forward(self, structures: list, layer: str) -> tuple[np.ndarray, list[Block], np.ndarray]:
+        """One batched energy-only pass; returns ``(values, blocks, energy)``."""
+        import sevenn._keys as KEY
+        import torch
+
+        name = LAST_MODULE if layer == "last" else BACKBONE_MODULE
+        module = self.model._modules[name]
+        captured = {}
+
+        def hook(mod, args):
+            captured["x"] = args[0][mod.key_input].detach()
+
+        handle = module.register_forward_pre_hook(hook)
+        try:
+            with torch.no_grad():
+                out = self.model(self._batch(structures))
+        finally:
+            handle.remove()
+        x = captured["x"]
+        energy = out[KEY.PRED_TOTAL_ENERGY].detach().double().cpu().numpy().reshape(-1)
+        irreps = module._irreps_in_wo_modal
+        if x.shape[1] != irreps.dim:
+            raise RuntimeError(f"{name} input has {x.shape[1]} columns, expected {irreps.dim} ({irreps})")
+        source = f"{name}.{module.key_input} (input, {irreps})"
+        block = Block("scalars" if layer == "last" else "node_scalars", 0, irreps.dim, source)
+        return x.float().cpu().numpy(), [block], energy
+
+    def readout(self) -> Readout:
+        """``reduce_hidden_to_energy`` times the per-species scale, plus the per-species shift."""
+        import sevenn._keys as KEY
+        import torch
+
+        lin = self.model._modules[LAST_MODULE]
+        rescale = self.model._modules[RESCALE_MODULE]
+        param = next(self.model.parameters())
+        w, b0 = affine_probe(lin.linear, lin.irreps_in.dim, param.dtype, param.device)
+        # probe the rescale module itself with y = 0 and y = 1 for every atom type
+        zs = sorted(self.type_map)
+        types = torch.tensor([self.type_map[z] for z in zs], dtype=torch.long, device=param.device)
+        res = []
+        for y in (0.0, 1.0):
+            data = {
+                rescale.key_input: torch.full((len(zs), 1), y, dtype=param.dtype, device=param.device),
+                KEY.ATOM_TYPE: types,
+                KEY.BATCH: torch.zeros(len(zs), dtype=torch.long, device=param.device),
+            }
+            if self.modal:
+                data[KEY.MODAL_TYPE] = torch.tensor([self.model.modal_map[self.modal]], device=param.device)
+            with torch.no_grad():
+                res.append(rescale(data)[rescale.key_output].reshape(-1).double().cpu().numpy())
+        shift, scale = res[0], res[1] - res[0]
+        const = float(getattr(self.model._modules[REDUCE_MODULE], "constant", 1.0))
+        weight = np.zeros((119, len(w)))
+        bias = np.zeros(119)
+        idx = np.array(zs)
+        weight[idx] = const * scale[:, None] * w[None, :]
+        bias[idx] = const * (scale * b0 + shift)
+        return Readout(weight=weight, bias=bias)
+
+    def checkpoint_sha256(self) -> str | None:
+        if self._sha256 is None:
+            h = hashlib.sha256()
+            with open(self.path, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            self._sha256 = h.hexdigest()
+        return self._sha256
+
+    def versions(self) -> dict:
+        from importlib.metadata import version
+
+        return {p: version(p) for p in ("sevenn", "e3nn", "torch", "torch_geometric")}

@@ -1,0 +1,89 @@
+"""Shared fixtures: small structures, the offline model panel and a MACE model trained here."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from umlip_latents import paths
+from umlip_latents.registry import ModelSpec, load_registry
+
+#: MACE training recipe for the test model (part of its cache key).
+MACE_RECIPE = dict(n_train=40, seed=0, max_num_epochs=3, num_channels=16, max_L=1, r_max=4.5,
+                   num_interactions=2)
+
+
+def offline_panel() -> list[str]:
+    """Registered models whose weights ship inside a wheel (loadable offline)."""
+    return sorted(k for k, s in load_registry().items() if s.source["kind"] == "wheel")
+
+
+def test_cache_dir() -> Path:
+    """Folder for artefacts reused across test sessions (ignored by git)."""
+    return Path(os.environ.get("UMLIP_LATENTS_TEST_CACHE", paths.project_root() / ".cache" / "tests"))
+
+
+@pytest.fixture(scope="session")
+def crystals():
+    """Small periodic structures of elements every offline model supports."""
+    from ase.build import bulk
+
+    out = []
+    for i, atoms in enumerate([
+        bulk("Si", "diamond", a=5.43),
+        bulk("NaCl", "rocksalt", a=5.64),
+        bulk("Cu", "fcc", a=3.6).repeat((2, 1, 1)),
+        bulk("MgO", "rocksalt", a=4.21).repeat((1, 1, 2)),
+    ]):
+        atoms.rattle(stdev=0.05, seed=i)
+        atoms.info["structure_id"] = f"test-{i}-{atoms.get_chemical_formula()}"
+        out.append(atoms)
+    return out
+
+
+@pytest.fixture(scope="session")
+def mptrj_small():
+    """A few real MPtrj frames (fetched and checksummed through the dataset registry)."""
+    from umlip_latents.datasets import load_dataset
+
+    frames = load_dataset("mptrj-random-1k")
+    small = [a for a in frames if 2 <= len(a) <= 12]
+    return small[:4]
+
+
+@pytest.fixture(scope="session")
+def trained_mace() -> ModelSpec:
+    """A small MACE trained here with ``mace_run_train`` on an MPtrj slice, cached across sessions."""
+    from umlip_latents.datasets import load_dataset
+    from umlip_latents.training import train_mace
+
+    key = hashlib.sha256(json.dumps(MACE_RECIPE, sort_keys=True).encode()).hexdigest()[:12]
+    workdir = test_cache_dir() / f"mace-{key}"
+    model = workdir / "test-mace.model"
+    if not model.exists():
+        recipe = dict(MACE_RECIPE)
+        structures = [a for a in load_dataset("mptrj-random-1k", seed=recipe["seed"]) if len(a) <= 16]
+        structures = structures[: recipe.pop("n_train")]
+        trained = train_mace(structures, workdir, name="test-mace", **recipe)
+        assert trained == model or trained.exists()
+        model = trained
+    return ModelSpec(
+        key="test-mace", family="mace", environment="main",
+        source={"kind": "local", "path": str(model)},
+        training_data=f"{MACE_RECIPE['n_train']} MPtrj frames (trained in the test session)",
+        functional="PBE/PBE+U", layers={"last": "readout inputs", "backbone": "get_descriptors"},
+        description="small MACE trained here for tests; not a foundation model",
+    )
+
+
+def random_rotation(seed: int) -> np.ndarray:
+    q, r = np.linalg.qr(np.random.default_rng(seed).normal(size=(3, 3)))
+    q = q @ np.diag(np.sign(np.diag(r)))
+    if np.linalg.det(q) < 0:
+        q[:, 0] *= -1
+    return q

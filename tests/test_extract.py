@@ -1,0 +1,128 @@
+"""Proof tests of extraction, for every offline model and a MACE model trained here.
+
+1. the model's energy is re-read from last-layer features with its own readout weights;
+2. features are invariant to rotation and translation, permute with the atoms, and are equal
+   for the atoms of a 2x2x2 supercell;
+3. batched extraction equals one-structure-at-a-time extraction;
+4. MACE backbone equals ``MACECalculator.get_descriptors`` (tests/test_mace.py);
+5. unsupported elements give an error naming element, structure and model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import offline_panel, random_rotation
+
+from umlip_latents.errors import UnsupportedElement
+from umlip_latents.extract import extract_features
+from umlip_latents.registry import get_spec
+
+MODELS = offline_panel() + ["test-mace"]
+TOL = 1e-5
+
+
+def _spec(key, request):
+    return request.getfixturevalue("trained_mace") if key == "test-mace" else get_spec(key)
+
+
+def _variants(crystals):
+    """Base structures followed by transformed copies, with the map back to base atoms."""
+    base = crystals
+    out, maps = list(base), []
+    rot = random_rotation(7)
+    for i, atoms in enumerate(base):
+        n = len(atoms)
+        r = atoms.copy()
+        r.set_cell(atoms.cell.array @ rot.T, scale_atoms=False)
+        r.positions = atoms.positions @ rot.T
+        t = atoms.copy()
+        t.positions += np.array([0.37, -1.1, 2.3])
+        p = atoms[::-1]
+        s = atoms.repeat(2)
+        for kind, a, idx in (("rotated", r, np.arange(n)), ("translated", t, np.arange(n)),
+                             ("permuted", p, np.arange(n)[::-1]), ("supercell", s, np.arange(8 * n) % n)):
+            a.info["structure_id"] = f"{atoms.info['structure_id']}-{kind}"
+            maps.append((kind, i, len(out), idx))
+            out.append(a)
+    return out, maps
+
+
+@pytest.fixture(scope="module")
+def features(request, crystals):
+    cache = {}
+
+    def get(key, layer, batch_size=None):
+        if (key, layer, batch_size) not in cache:
+            structures, maps = _variants(crystals)
+            fs = extract_features(_spec(key, request), structures, layer=layer, device="cpu", batch_size=batch_size)
+            cache[key, layer, batch_size] = (fs, maps)
+        return cache[key, layer, batch_size]
+
+    return get
+
+
+def _rows(fs, k):
+    return fs.values[fs.structure_index == k].astype(np.float64)
+
+
+@pytest.mark.parametrize("key", MODELS)
+def test_energy_reread_from_last_layer(key, features):
+    fs, _ = features(key, "last")
+    assert fs.readout is not None
+    n_atoms = np.bincount(fs.structure_index)
+    err = np.abs(fs.reread_energy() - fs.energy) / n_atoms
+    assert err.max() <= TOL, f"{key}: energy re-read error {err.max():.2e} eV/atom"
+    # the readout is not trivially satisfied: perturbing the features changes the energy
+    shifted = fs.readout.atom_energies(fs.values + 0.1, fs.species)
+    assert not np.allclose(np.bincount(fs.structure_index, shifted), fs.energy, atol=1e-3)
+
+
+@pytest.mark.parametrize("layer", ["last", "backbone"])
+@pytest.mark.parametrize("key", MODELS)
+def test_invariances(key, layer, features):
+    fs, maps = features(key, layer)
+    assert fs.values.dtype == np.float32 and np.isfinite(fs.values).all()
+    assert fs.blocks[0].start == 0 and fs.blocks[-1].stop == fs.dim
+    for kind, base, k, idx in maps:
+        ref = _rows(fs, base)
+        got = _rows(fs, k)
+        scale = np.abs(ref).max()
+        err = np.abs(got - ref[idx]).max() / scale
+        assert err <= TOL, f"{key}/{layer}: {kind} structure {base} differs by {err:.2e} (relative)"
+
+
+@pytest.mark.parametrize("layer", ["last", "backbone"])
+@pytest.mark.parametrize("key", MODELS)
+def test_batched_equals_single(key, layer, features):
+    batched, _ = features(key, layer)
+    single, _ = features(key, layer, batch_size=1)  # one structure per forward pass
+    assert single.meta["batch_atoms"] == 1
+    scale = np.abs(batched.values).max()
+    assert np.abs(batched.values - single.values).max() / scale <= TOL
+    np.testing.assert_allclose(batched.energy, single.energy, rtol=0, atol=TOL * 100)
+
+
+@pytest.mark.parametrize("key", MODELS)
+def test_unsupported_element_names_element_structure_model(key, request, crystals):
+    from ase import Atoms
+
+    spec = _spec(key, request)
+    # Oganesson (118) is in no training set.
+    bad = Atoms("OgH", positions=[[0, 0, 0], [0, 0, 1.5]], cell=[8, 8, 8], pbc=True)
+    bad.info["structure_id"] = "bad-structure-42"
+    with pytest.raises(UnsupportedElement) as err:
+        extract_features(spec, [crystals[0], bad], layer="last", device="cpu")
+    msg = str(err.value)
+    assert "Og" in msg and "bad-structure-42" in msg and spec.key in msg
+    fs = extract_features(spec, [crystals[0], bad], layer="last", device="cpu", on_unsupported="skip")
+    assert fs.structure_ids == [crystals[0].info["structure_id"]]
+    assert fs.meta["skipped"] == ["bad-structure-42"]
+
+
+def test_features_differ_between_models(features):
+    """Two different checkpoints of one family give different features on the same atoms."""
+    a, _ = features("chgnet-0.3.0", "last")
+    b, _ = features("chgnet-0.2.0", "last")
+    assert a.values.shape[0] == b.values.shape[0]
+    assert not np.allclose(a.values, b.values, atol=1e-3)
