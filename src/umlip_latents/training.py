@@ -54,7 +54,8 @@ def write_training_file(structures: list, path: str | os.PathLike, stress: bool 
 
 
 def _log_tail(workdir: Path, name: str, text: str, lines: int = 40) -> str:
-    logs = sorted((workdir / "logs").glob(f"{name}*.log"), key=lambda p: p.stat().st_mtime)
+    logs = sorted((p for p in (workdir / "logs").glob(f"{name}*.log") if not p.name.endswith("_debug.log")),
+                  key=lambda p: p.stat().st_mtime)
     if logs:
         text = logs[-1].read_text(errors="replace")
     return "\n".join(text.strip().splitlines()[-lines:])

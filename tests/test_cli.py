@@ -1,0 +1,48 @@
+"""Command line: listing, extraction with summary, one clear error line for bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from umlip_latents.cli import main
+
+
+def test_models_list_shows_every_model_and_availability(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("UMLIP_LATENTS_CHECKPOINTS", str(tmp_path))
+    assert main(["models", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "chgnet-0.3.0" in out and "sevennet-mf-0" in out and "mace-mp-0b3-medium" in out
+    mace_line = next(ln for ln in out.splitlines() if ln.startswith("mace-mp-0b3-medium"))
+    assert "available=no" in mace_line
+
+
+def test_extract_writes_store_and_prints_summary(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("UMLIP_LATENTS_STORE", str(tmp_path))
+    assert main(["extract", "--dataset", "mpf-alkali-tp", "--model", "chgnet-0.3.0", "--limit", "4",
+                 "--device", "cpu", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "4 structures" in out and "D=64" in out
+    assert (tmp_path / "mpf-alkali-tp-n4-s0" / "chgnet-0.3.0" / "last" / "values.npy").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["extract", "--dataset", "nope", "--model", "chgnet-0.3.0"], "unknown dataset"),
+    (["extract", "--dataset", "mpf-alkali-tp", "--model", "nope"], "unknown model"),
+])
+def test_bad_arguments_give_one_error_line(capsys, args, message):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
+
+
+def test_bad_file_through_console_script(tmp_path):
+    bad = tmp_path / "bad.xyz"
+    bad.write_text("2\nProperties=species:S:1:pos:R:3\nNa 0 0 0\nCl nan 0 2.8\n")
+    proc = subprocess.run([sys.executable, "-m", "umlip_latents.cli", "extract", "--dataset", str(bad),
+                           "--model", "chgnet-0.3.0", "--quiet"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error:") and "non-finite" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

@@ -1,0 +1,98 @@
+"""Datasets: checksums, labels, selection, validation of bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from umlip_latents import datasets
+from umlip_latents.errors import ChecksumMismatch, DatasetError, StructureError
+
+
+def test_default_collection_is_labelled_and_has_no_single_atoms():
+    frames = datasets.load_dataset("default")
+    assert len(frames) > 1900
+    subsets = {a.info["subset"] for a in frames}
+    assert subsets == {"mptrj-random-1k", "alexandria-random-1k"}
+    assert all(len(a) > 1 for a in frames)
+    ids = [a.info["structure_id"] for a in frames]
+    assert len(set(ids)) == len(ids)
+    for a in frames[:50]:
+        assert a.info["dataset"] == "default"
+        assert np.isfinite(a.info["energy"])
+        assert a.arrays["forces"].shape == (len(a), 3)
+        assert a.calc is None
+
+
+def test_limit_is_seeded_and_split_between_members():
+    a = datasets.load_dataset("default", limit=10, seed=1)
+    b = datasets.load_dataset("default", limit=10, seed=1)
+    c = datasets.load_dataset("default", limit=10, seed=2)
+    ids = lambda fr: [x.info["structure_id"] for x in fr]  # noqa: E731
+    assert ids(a) == ids(b) and ids(a) != ids(c)
+    assert sum(x.info["subset"] == "mptrj-random-1k" for x in a) == 5
+
+
+def test_cached_files_match_registry_checksums():
+    reg = datasets.registry()
+    for name, spec in reg["datasets"].items():
+        if "archive" in spec:
+            assert datasets.sha256_file(datasets.fetch(name)) == spec["sha256"]
+
+
+def test_corrupted_cache_is_detected(tmp_path, monkeypatch):
+    monkeypatch.setenv("UMLIP_LATENTS_DATA", str(tmp_path))
+    target = tmp_path / "datasets" / "mpf-alkali-tp.xyz"
+    target.parent.mkdir(parents=True)
+    target.write_text("1\nLattice=\"1 0 0 0 1 0 0 0 1\" Properties=species:S:1:pos:R:3\nH 0 0 0\n")
+    with pytest.raises(ChecksumMismatch, match="mpf-alkali-tp"):
+        datasets.fetch("mpf-alkali-tp")
+
+
+def test_any_extxyz_path_and_g2(tmp_path):
+    src = datasets.fetch("mpf-alkali-tp")
+    lines = src.read_text().splitlines()
+    n = int(lines[0])
+    path = tmp_path / "mine.xyz"
+    path.write_text("\n".join(lines[: n + 2]) + "\n")
+    frames = datasets.load_dataset(path)
+    assert len(frames) == 1 and frames[0].info["dataset"] == "mine" and "energy" in frames[0].info
+    g2 = datasets.load_dataset("g2")
+    assert len(g2) > 100 and all(not a.pbc.any() for a in g2)
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("3\nProperties=species:S:1:pos:R:3\nH 0 0 0\nH 0 0 1\n", "cannot be read"),  # truncated
+    ("2\nProperties=species:S:1:pos:R:3\nH 0 0 0\nH nan 0 1\n", "non-finite positions"),
+    ("2\nProperties=species:S:1:pos:R:3\nH 0 0 zero\nH 0 0 1\n", "cannot be read"),  # malformed
+    ("", "holds no structures"),
+])
+def test_bad_files_give_one_clear_error(tmp_path, text, problem):
+    path = tmp_path / "bad.xyz"
+    path.write_text(text)
+    with pytest.raises((StructureError, DatasetError), match=problem):
+        datasets.load_dataset(path)
+
+
+def test_empty_structure_is_rejected():
+    from ase import Atoms
+
+    with pytest.raises(StructureError, match="empty-1.*no atoms"):
+        datasets.validate_structure(Atoms(), "empty-1")
+
+
+def test_unknown_dataset():
+    with pytest.raises(DatasetError, match="unknown dataset"):
+        datasets.load_dataset("no-such-set")
+
+
+def test_structures_hash_sees_every_input():
+    from ase.build import bulk
+
+    a = bulk("Si", "diamond", 5.43)
+    h = datasets.structures_hash([a])
+    b = a.copy()
+    b.positions[0, 0] += 1e-9
+    c = a.copy()
+    c.pbc = [True, True, False]
+    assert len({h, datasets.structures_hash([b]), datasets.structures_hash([c])}) == 3
