@@ -132,6 +132,13 @@ class DiepAdapter(Adapter):
                                    "structure, not per atom, so no per-atom readout reproduces it")
         if getattr(pot.model, "is_intensive", False):
             raise ModelUnavailable(f"model {spec.key}: an intensive DIEP model has no per-atom energies")
+        gated = getattr(getattr(pot.model, "final_layer", None), "gated", None)
+        import torch
+
+        if (gated is None or not isinstance(gated.layers[-1], torch.nn.Linear) or gated.layers[-1].out_features != 1
+                or not isinstance(gated.gates[-1], torch.nn.Sigmoid)):
+            raise ModelUnavailable(f"model {spec.key}: final_layer is not the gated per-atom readout "
+                                   "(GatedMLP ending in Linear(., 1) x Sigmoid gate) this adapter reads")
         if pot.element_refs is not None and pot.element_refs.property_offset.ndim != 1:
             raise ModelUnavailable(f"model {spec.key}: state-dependent element references are not supported")
         return cls(spec, device, pot, path)

@@ -1,0 +1,41 @@
+"""Provenance of a notebook run: package versions, git commit, parameters, models."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+from importlib import metadata
+
+from . import paths
+
+PACKAGES = ("umlip-latents", "torch", "numpy", "scipy", "scikit-learn", "skmatter", "ase", "mace-torch",
+            "chgnet", "diep", "e3nn", "pandas")
+
+
+def git_commit() -> str:
+    """The repository's HEAD commit (with ``-dirty`` when the tree has changes), or ``unknown``."""
+    try:
+        root = paths.project_root()
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def versions(packages=PACKAGES) -> dict:
+    out = {"python": platform.python_version()}
+    for name in packages:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def provenance(parameters: dict, models: list | None = None, extra_envs: dict | None = None) -> dict:
+    """Everything needed to say which code, packages, parameters and models made a result."""
+    return {"git_commit": git_commit(), "versions": versions(), "parameters": parameters,
+            "models": list(models or []), "family_environments": extra_envs or {}}
