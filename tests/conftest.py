@@ -14,7 +14,7 @@ from umlip_latents import paths
 from umlip_latents.registry import ModelSpec, load_registry
 
 #: MACE training recipe for the test model (part of its cache key).
-MACE_RECIPE = dict(n_train=40, seed=0, max_num_epochs=3, num_channels=16, max_L=1, r_max=4.5,
+MACE_RECIPE = dict(n_train=40, seed=0, max_epochs=3, num_channels=16, max_L=1, r_max=4.5,
                    num_interactions=2)
 
 

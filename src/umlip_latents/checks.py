@@ -45,12 +45,12 @@ def transformed_copies(structures: list, seed: int = 0) -> tuple[list, list]:
 
 
 def invariance_error(base: FeatureSet, copies: FeatureSet, maps: list) -> float:
-    """Largest relative difference between the features of base structures and their copies."""
+    """Largest relative difference ``||copy - base|| / ||base||`` (Frobenius, per structure) over the copies."""
     worst = 0.0
     for _, i, k, amap in maps:
         ref = base.values[base.structure_index == i].astype(np.float64)
         got = copies.values[copies.structure_index == k].astype(np.float64)
-        worst = max(worst, float(np.abs(got - ref[amap]).max() / max(np.abs(ref).max(), 1e-30)))
+        worst = max(worst, float(np.linalg.norm(got - ref[amap]) / max(np.linalg.norm(ref), 1e-30)))
     return worst
 
 

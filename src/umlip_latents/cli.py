@@ -68,17 +68,21 @@ def _extract(args) -> int:
     from tqdm import tqdm
 
     from .datasets import load_dataset
+    from .registry import get_spec
     from .store import get_features
 
+    get_spec(args.model)  # fail before any work on an unknown model
     structures = load_dataset(args.dataset, limit=args.limit, seed=args.seed)
     total = sum(len(a) for a in structures)
-    bar = tqdm(total=len(structures), unit="struct", desc=f"{args.model}/{args.layer}", disable=args.quiet)
+    bar = tqdm(total=len(structures), unit="struct", desc=f"{args.model}/{args.layer}", disable=args.quiet or not sys.stderr.isatty())
     t0 = time.perf_counter()
-    fs = get_features(args.dataset, args.model, args.layer, structures=structures, limit=args.limit,
-                      seed=args.seed, device=args.device, batch_size=args.batch_size,
-                      on_unsupported=args.on_unsupported, recompute=args.recompute,
-                      progress=lambda n, _atoms: bar.update(n))
-    bar.close()
+    try:
+        fs = get_features(args.dataset, args.model, args.layer, structures=structures, limit=args.limit,
+                          seed=args.seed, device=args.device, batch_size=args.batch_size,
+                          on_unsupported=args.on_unsupported, recompute=args.recompute,
+                          progress=lambda n, _atoms: bar.update(n))
+    finally:
+        bar.close()
     dt = time.perf_counter() - t0
     skipped = len(fs.meta.get("extraction", {}).get("skipped", []))
     print(f"{args.model} {args.layer}: {fs.n_structures} structures, {fs.n_atoms} atoms (of {total}), "

@@ -1,0 +1,64 @@
+"""MACE specifics: backbone equals mace's own descriptors; foundation checkpoints load or say why."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from umlip_latents.errors import ModelUnavailable
+from umlip_latents.extract import extract_features
+from umlip_latents.registry import get_spec, load_registry
+
+
+def test_backbone_equals_mace_get_descriptors(trained_mace, crystals, mptrj_small):
+    from mace.calculators import MACECalculator
+
+    structures = list(crystals) + list(mptrj_small)
+    fs = extract_features(trained_mace, structures, layer="backbone", device="cpu")
+    calc = MACECalculator(model_paths=trained_mace.source["path"], device="cpu", default_dtype="float64")
+    ref = np.concatenate([calc.get_descriptors(a, invariants_only=True) for a in structures])
+    assert fs.values.shape == ref.shape
+    np.testing.assert_allclose(fs.values, ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+    assert [b.name for b in fs.blocks][0].startswith("interaction_0") or len(fs.blocks) >= 2
+
+
+def test_model_energy_equals_mace_calculator(trained_mace, crystals):
+    from mace.calculators import MACECalculator
+
+    fs = extract_features(trained_mace, crystals, layer="last", device="cpu")
+    calc = MACECalculator(model_paths=trained_mace.source["path"], device="cpu", default_dtype="float64")
+    ref = np.array([calc.get_potential_energy(a) for a in crystals])
+    n = np.array([len(a) for a in crystals])
+    assert np.abs(fs.energy - ref).max() / n.min() < 1e-6
+    assert np.abs(fs.reread_energy() - ref).max() / n.min() < 1e-5
+
+
+def test_local_checkpoint_folder_is_used(trained_mace, crystals, tmp_path, monkeypatch):
+    """A foundation key resolves to a file the user drops in $UMLIP_LATENTS_CHECKPOINTS."""
+    import shutil
+
+    spec = get_spec("mace-mp-0a-small")
+    monkeypatch.setenv("UMLIP_LATENTS_CHECKPOINTS", str(tmp_path))
+    shutil.copy(trained_mace.source["path"], tmp_path / spec.source["filename"])
+    from umlip_latents.extract import adapter_class
+
+    ok, why = adapter_class("mace").availability(spec)
+    assert ok and str(tmp_path) in why
+    fs = extract_features(spec, crystals[:2], layer="last", device="cpu")
+    assert fs.meta["model"] == "mace-mp-0a-small" and fs.dim > 0
+
+
+@pytest.mark.parametrize("key", sorted(k for k, s in load_registry().items() if s.family == "mace"
+                                       and s.source["kind"] == "loader"))
+def test_unavailable_foundation_model_says_where_to_put_it(key, crystals, tmp_path, monkeypatch):
+    monkeypatch.setenv("UMLIP_LATENTS_CHECKPOINTS", str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    spec = get_spec(key)
+    from umlip_latents.extract import adapter_class
+
+    ok, why = adapter_class("mace").availability(spec)
+    if ok:
+        pytest.skip(f"{key} is available on this machine ({why})")
+    with pytest.raises(ModelUnavailable) as err:
+        extract_features(spec, crystals[:1], layer="last", device="cpu")
+    assert spec.source["filename"] in str(err.value) and "UMLIP_LATENTS_CHECKPOINTS" in str(err.value)
