@@ -67,6 +67,10 @@ class Adapter(abc.ABC):
     def readout(self) -> Readout:
         """The model's own map from ``layer="last"`` features to per-atom energy."""
 
+    def calculator(self):
+        """The family package's own ASE calculator for the same weights (baseline and cross-check)."""
+        raise NotImplementedError(f"{type(self).__name__} has no ASE calculator")
+
     def checkpoint_sha256(self) -> str | None:
         """sha256 of the checkpoint file the weights came from, when there is one."""
         return None

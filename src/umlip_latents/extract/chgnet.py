@@ -229,6 +229,12 @@ class ChgnetAdapter(Adapter):
             bias[1:n + 1] += ref[:n]
         return Readout(weight=weight, bias=bias)
 
+    def calculator(self):
+        """chgnet's own ``CHGNetCalculator`` on the same model object."""
+        from chgnet.model.dynamics import CHGNetCalculator
+
+        return CHGNetCalculator(self.model, use_device=self.device, check_cuda_mem=False)
+
     def checkpoint_sha256(self) -> str | None:
         """sha256 of the ``.pth.tar`` checkpoint file."""
         if self._sha256 is None and self.checkpoint is not None:

@@ -235,6 +235,12 @@ class DiepAdapter(Adapter):
             bias[self._z] = pot.element_refs.property_offset.detach().double().cpu().numpy()
         return Readout(weight=weight, bias=bias)
 
+    def calculator(self):
+        """diep's own ``DIEPCalculator`` on the same potential."""
+        from diep.pretrained import DIEPCalculator
+
+        return DIEPCalculator(potential=self.potential, stress_unit="eV/A3")
+
     def checkpoint_sha256(self) -> str | None:
         """sha256 of ``state.pt`` (the weights) of the exported model."""
         h = hashlib.sha256()

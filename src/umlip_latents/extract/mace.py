@@ -195,6 +195,14 @@ class MaceAdapter(Adapter):
     def supported_elements(self) -> set[int]:
         return set(self.z_table)
 
+    def calculator(self):
+        """mace's own ``MACECalculator`` on the same checkpoint file and head."""
+        from mace.calculators import MACECalculator
+
+        dtype = "float64" if self.dtype == self._torch.float64 else "float32"
+        kwargs = {"head": self.head} if len(self.heads) > 1 else {}
+        return MACECalculator(model_paths=str(self.path), device=self.device, default_dtype=dtype, **kwargs)
+
     def checkpoint_sha256(self) -> str | None:
         if self._sha is None and self.path is not None:
             from ..datasets import sha256_file

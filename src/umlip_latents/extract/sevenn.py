@@ -33,6 +33,13 @@ mode, under ``torch.no_grad`` with the ``force_output`` module deleted (as seven
 ``deploy``/``mliap`` do) so no autograd force or stress is computed. Multi-fidelity
 models get the modality the way the calculator sets it (``data_modality`` per graph,
 mapped through the model's ``modal_map``); the registry's ``options.modal`` names it.
+
+Symmetry: the SevenNet checkpoints are built with ``is_parity: False`` (SO(3), not O(3),
+equivariant), so the features are invariant under proper rotations, translations,
+permutations and supercells (to float32 rounding, ~1e-6 relative) but a mirror image
+(det -1) can change them slightly (~1e-5 relative) and the energy by ~1e-6 eV/atom.
+Graphs take every neighbour closer than the cutoff (5 A; smooth XPLOR envelope from
+4.5 A for SevenNet-0/MF-0, polynomial p=6 envelope for l3i5), periodic images included.
 """
 
 from __future__ import annotations
@@ -54,30 +61,33 @@ REDUCE_MODULE = "reduce_total_enegy"  # sic, sevenn's module name
 
 
 def _checkpoint_path(spec: ModelSpec) -> str:
-    """Path of the checkpoint file of ``spec`` (bundled in the sevenn wheel, or local)."""
+    """Path of the checkpoint file of ``spec``.
+
+    ``wheel``: sevenn's own ``pretrained_name_to_path`` (the file ships in the wheel's
+    ``pretrained_potentials``; sevenn has no download link for these names). ``loader``:
+    the checkpoints folder first, else ``pretrained_name_to_path`` (downloads when online).
+    ``local``: the checkpoints folder.
+    """
     src = spec.source
-    if src["kind"] == "local":
+    if src["kind"] != "wheel":
         path = local_checkpoint(spec)
-        if path is None:
+        if path is not None:
+            return str(path)
+        if src["kind"] == "local":
             raise ModelUnavailable(
                 f"model {spec.key}: checkpoint {src['path']!r} not found; put it in the checkpoints "
                 "folder ($UMLIP_LATENTS_CHECKPOINTS)"
             )
-        return str(path)
-    path = local_checkpoint(spec)
-    if path is not None:
-        return str(path)
     import sevenn.util
 
     try:
         return sevenn.util.pretrained_name_to_path(src["name"])
     except ValueError as exc:
         raise ModelUnavailable(f"model {spec.key}: sevenn does not know pretrained model {src['name']!r} ({exc})") from exc
-    except (FileNotFoundError, OSError) as exc:
+    except OSError as exc:
         raise ModelUnavailable(
-            f"model {spec.key}: checkpoint of {src['name']!r} is not in the installed sevenn wheel ({exc}); "
-            "reinstall sevenn in the sevenn environment (`make setup`) or put the .pth file in the "
-            f"checkpoints folder as {spec.key}.pth"
+            f"model {spec.key}: checkpoint of {src['name']!r} is not available ({exc}); reinstall sevenn "
+            "in the sevenn environment (`make setup`)"
         ) from exc
 
 
@@ -143,12 +153,13 @@ class SevennAdapter(Adapter):
 
         if importlib.util.find_spec("sevenn") is None:
             return False, f"package sevenn not importable here; the model runs in environment {spec.environment!r}"
-        path = local_checkpoint(spec)
+        kind = spec.source["kind"]
+        path = local_checkpoint(spec) if kind != "wheel" else None
         if path is not None:
             return True, f"local checkpoint {path}"
-        if spec.source["kind"] == "local":
+        if kind == "local":
             return False, f"local checkpoint {spec.source['path']!r} not in the checkpoints folder"
-        if spec.source["kind"] == "loader":
+        if kind == "loader":
             return False, f"sevenn downloads {spec.source['name']!r} on first use (needs internet)"
         try:
             return True, f"bundled in the sevenn wheel: {_checkpoint_path(spec)}"
@@ -175,7 +186,22 @@ class SevennAdapter(Adapter):
         return Batch.from_data_list(graphs).to(self.device)
 
     def forward(self, structures: list, layer: str) -> tuple[np.ndarray, list[Block], np.ndarray]:
-        """One batched energy-only pass; returns ``(values, blocks, energy)``."""
+        """One batched energy-only pass.
+
+        Parameters
+        ----------
+        structures : list of ase.Atoms
+        layer : {"last", "backbone"}
+
+        Returns
+        -------
+        values : ndarray (n_atoms, 64 or 128), float32
+            Input of ``reduce_hidden_to_energy`` ("last") or ``reduce_input_to_hidden``
+            ("backbone"), captured by a forward pre-hook during the model's own forward.
+        blocks : list of Block
+        energy : ndarray (n_structures,)
+            ``pred_total_energy`` of the same pass (eV).
+        """
         import sevenn._keys as KEY
         import torch
 
@@ -202,7 +228,12 @@ class SevennAdapter(Adapter):
         return x.float().cpu().numpy(), [block], energy
 
     def readout(self) -> Readout:
-        """``reduce_hidden_to_energy`` times the per-species scale, plus the per-species shift."""
+        """The readout from "last" features: ``E_i = s_Z (w . h_i + b) + t_Z``.
+
+        ``w, b`` are probed from ``reduce_hidden_to_energy``; ``s_Z, t_Z`` from
+        ``rescale_atomic_energy`` run on y = 0 and y = 1 for every atom type (with the
+        selected modality for MF-0); ``reduce_total_enegy``'s constant multiplies both.
+        """
         import sevenn._keys as KEY
         import torch
 
@@ -233,7 +264,18 @@ class SevennAdapter(Adapter):
         bias[idx] = const * (scale * b0 + shift)
         return Readout(weight=weight, bias=bias)
 
+    def calculator(self):
+        """sevenn's own ``SevenNetCalculator`` on the same checkpoint file and modality.
+
+        It builds its own copy of the model (with forces), since this adapter's model has
+        ``force_output`` removed.
+        """
+        from sevenn.calculator import SevenNetCalculator
+
+        return SevenNetCalculator(model=self.path, file_type="checkpoint", device=self.device, modal=self.modal)
+
     def checkpoint_sha256(self) -> str | None:
+        """sha256 of the ``.pth`` checkpoint file."""
         if self._sha256 is None:
             h = hashlib.sha256()
             with open(self.path, "rb") as fh:

@@ -1,0 +1,89 @@
+"""Batched feature extraction vs a per-structure ASE-calculator loop, on the same structures.
+
+For each offline model: the same N structures of the default set (seeded draw), the model
+loaded once for both sides, then
+
+- baseline: the family package's own ASE calculator, ``get_potential_energy`` one structure
+  at a time (what a script looping over structures does; calculators also compute forces);
+- ours: :func:`umlip_latents.extract.base.run_adapter`, batched, energy-only, with features.
+
+Prints one JSON object: per model the two timings, their ratio and the largest energy
+difference between the two paths (eV/atom). Models living in another environment are timed
+in that environment (this script re-runs itself there).
+
+    .venv/bin/python benchmarks/extraction.py [--models chgnet-0.3.0 sevennet-0] [--n 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+def time_model(key: str, n: int, seed: int, device: str, layer: str) -> dict:
+    from umlip_latents.datasets import load_dataset
+    from umlip_latents.extract import load_adapter
+    from umlip_latents.extract.base import run_adapter
+
+    structures = load_dataset("default", limit=n, seed=seed)
+    adapter = load_adapter(key, device)
+    run_adapter(adapter, structures[:2], layer=layer)  # warm-up (lazy init, allocator)
+    t0 = time.perf_counter()
+    fs = run_adapter(adapter, structures, layer=layer)
+    batched = time.perf_counter() - t0
+    calc = adapter.calculator()
+    t0 = time.perf_counter()
+    loop_energy = []
+    for atoms in structures:
+        a = atoms.copy()
+        a.calc = calc
+        loop_energy.append(a.get_potential_energy())
+    loop = time.perf_counter() - t0
+    n_atoms = np.array([len(a) for a in structures])
+    return {
+        "model": key, "structures": len(structures), "atoms": int(n_atoms.sum()), "layer": layer,
+        "device": adapter.device, "batched_s": batched, "ase_loop_s": loop, "speedup": loop / batched,
+        "max_energy_diff_eV_per_atom": float(np.max(np.abs(fs.energy - np.array(loop_energy)) / n_atoms)),
+    }
+
+
+def main(argv=None) -> int:
+    from umlip_latents.extract import current_environment
+    from umlip_latents.extract.worker import environment_python
+    from umlip_latents.registry import load_registry
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*")
+    parser.add_argument("--n", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--layer", default="last")
+    parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    reg = load_registry()
+    keys = args.models or sorted(k for k, s in reg.items() if s.source["kind"] == "wheel")
+    results = []
+    for key in keys:
+        env = reg[key].environment
+        if env == current_environment() or args.inner:
+            results.append(time_model(key, args.n, args.seed, args.device, args.layer))
+        else:
+            cmd = [str(environment_python(env)), __file__, "--inner", "--models", key, "--n", str(args.n),
+                   "--seed", str(args.seed), "--device", args.device, "--layer", args.layer]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, UMLIP_LATENTS_ENV=env))
+            if proc.returncode != 0:
+                raise SystemExit(f"{key}: benchmark failed in environment {env}:\n{proc.stderr[-2000:]}")
+            results.extend(json.loads(proc.stdout)["results"])
+    print(json.dumps({"benchmark": "extraction", "baseline": "per-structure ASE calculator loop",
+                      "results": results}, indent=None if args.inner else 2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
