@@ -6,8 +6,9 @@ third central moment, kappa_4 = mu_4 - 3 mu_2^2, ...). Population (ddof 0) cumul
 intensive: a supercell, which repeats every atom the same number of times, has the same
 descriptor as its primitive cell. They are invariant to the order of the atoms.
 
-All structures are reduced at once with :func:`numpy.add.reduceat` over atoms sorted by
-structure; the only Python loop runs over moment orders.
+All structures are reduced at once, as one sparse (n_structures, n_atoms) averaging matrix
+times the per-atom rows (a segment mean that needs no sorting); the only Python loop runs
+over moment orders.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ def cumulant_features(values: np.ndarray, structure_index: np.ndarray, order: in
     - a structure whose atoms share one feature vector has kappa_1 equal to that vector and
       every higher cumulant exactly 0.
 
-    Memory is O(n_atoms * D): two float64 copies of ``values`` plus one gather.
+    Memory is O(n_atoms * D): two float64 copies of ``values`` plus one gathered row block.
     """
     order = _check_order(order)
     if transform not in _TRANSFORMS:
@@ -148,24 +149,20 @@ def cumulant_features(values: np.ndarray, structure_index: np.ndarray, order: in
     if n_struct == 0 or dim == 0:
         return out
 
-    # Sort atoms by structure (skipped when already sorted) and work in float64.
-    if np.all(index[1:] >= index[:-1]):
-        x = np.array(values, dtype=np.float64)
-    else:
-        x = values[np.argsort(index, kind="stable")].astype(np.float64)
-    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
-    inv_counts = (1.0 / counts)[:, None]
+    x = np.array(values, dtype=np.float64)  # working copy, modified in place
+    segment_mean = _segment_mean_operator(index, counts)
 
-    shift = x[starts]
-    x -= np.repeat(shift, counts, axis=0)
-    mean_shifted = np.add.reduceat(x, starts, axis=0) * inv_counts
-    x -= np.repeat(mean_shifted, counts, axis=0)  # x now holds centred values
+    first = np.argsort(index, kind="stable")[np.concatenate(([0], np.cumsum(counts)[:-1]))]
+    shift = x[first]
+    x -= shift[index]
+    mean_shifted = segment_mean @ x
+    x -= mean_shifted[index]  # x now holds centred values
     out[:, :dim] = shift + mean_shifted
 
     mu, power = {}, None
     for n in range(2, order + 1):
         power = x * x if power is None else np.multiply(power, x, out=power)
-        mu[n] = np.add.reduceat(power, starts, axis=0) * inv_counts
+        mu[n] = segment_mean @ power
     del x, power
     for n, kappa in cumulants_from_central_moments(mu).items():
         out[:, (n - 1) * dim:n * dim] = kappa
@@ -194,6 +191,15 @@ def pool_featureset(fs: FeatureSet, order: int = 4,
                                n_structures=n)
     ids = list(fs.structure_ids) if fs.structure_ids else [str(i) for i in range(len(matrix))]
     return matrix, ids
+
+
+def _segment_mean_operator(index: np.ndarray, counts: np.ndarray):
+    """Sparse (n_structures, n_atoms) matrix whose product with per-atom rows gives structure means."""
+    from scipy import sparse
+
+    n_atoms = len(index)
+    weights = 1.0 / counts[index]
+    return sparse.csr_array((weights, (index, np.arange(n_atoms))), shape=(len(counts), n_atoms))
 
 
 def _check_order(order) -> int:
