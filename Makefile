@@ -10,7 +10,7 @@ PARAMS ?= params/default.yml
 PANEL  := chgnet-0.3.0 chgnet-0.2.0 chgnet-r2scan diep sevennet-0 sevennet-0-22may2024 sevennet-l3i5 sevennet-mf-0
 PY := $(VENV)/bin/python
 
-.PHONY: setup run extract notebooks test test-fast benchmark clean-envs
+.PHONY: setup run extract notebooks smoke-notebooks test benchmark clean-envs
 
 setup: $(VENV)/.stamp $(foreach e,$(FAMILY_ENVS),$(ENVS)/$(e)/.stamp)
 
@@ -31,9 +31,14 @@ extract: setup
 	for m in $(PANEL); do for l in last backbone; do \
 	  $(VENV)/bin/umlip-latents extract --dataset default --model $$m --layer $$l || exit 1; done; done
 
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]-*.ipynb))
+
 notebooks: setup
-	mkdir -p runs
-	$(VENV)/bin/papermill notebooks/01-extraction.ipynb runs/01-extraction.ipynb -f $(PARAMS) --cwd notebooks
+	$(VENV)/bin/umlip-latents notebooks $(NOTEBOOKS) --params $(PARAMS) --out runs
+
+# refresh the committed notebooks with the smoke parameters (what nbval checks)
+smoke-notebooks: setup
+	$(VENV)/bin/umlip-latents notebooks $(NOTEBOOKS) --params params/smoke.yml --in-place
 
 run: extract notebooks
 
@@ -42,7 +47,8 @@ test: setup
 	$(VENV)/bin/python -m pytest -q --nbval-lax --sanitize-with tests/nbval_sanitize.cfg notebooks
 
 benchmark: setup
-	$(VENV)/bin/python benchmarks/extraction.py
+	mkdir -p benchmarks/results
+	for b in benchmarks/*.py; do $(VENV)/bin/python $$b > benchmarks/results/$$(basename $$b .py).json || exit 1; done
 
 clean-envs:
 	rm -rf $(VENV) $(ENVS)

@@ -90,6 +90,18 @@ def _extract(args) -> int:
     return 0
 
 
+def _notebook(args) -> int:
+    from pathlib import Path
+
+    from .notebooks import run_notebook
+
+    for nb in args.notebooks:
+        out = Path(nb) if args.in_place else Path(args.out) / Path(nb).name
+        run_notebook(nb, out, args.params)
+        print(f"{nb} -> {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="umlip-latents", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -112,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--recompute", action="store_true")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_extract)
+    n = sub.add_parser("notebooks", help="run notebooks with papermill and a params/*.yml file")
+    n.add_argument("notebooks", nargs="+")
+    n.add_argument("--params", required=True)
+    n.add_argument("--out", default="runs")
+    n.add_argument("--in-place", action="store_true", help="overwrite the notebooks (to commit smoke outputs)")
+    n.set_defaults(func=_notebook)
     return parser
 
 

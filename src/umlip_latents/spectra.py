@@ -5,14 +5,20 @@ from __future__ import annotations
 import numpy as np
 
 
-def pca_spectrum(values: np.ndarray) -> np.ndarray:
+def pca_spectrum(values: np.ndarray, standardise: bool = False) -> np.ndarray:
     """Eigenvalues of the covariance of ``values`` (n, D), sorted in decreasing order.
 
     Computed in float64 from the D x D covariance, so memory stays O(D^2) for any n.
+    With ``standardise=True`` the spectrum of the correlation matrix (every column scaled
+    to unit variance; constant columns dropped).
     """
     x = np.asarray(values, dtype=np.float64)
     mean = x.mean(axis=0)
     cov = (x.T @ x) / len(x) - np.outer(mean, mean)
+    if standardise:
+        std = np.sqrt(np.clip(np.diag(cov), 0.0, None))
+        keep = std > 1e-12 * max(std.max(), 1e-300)
+        cov = cov[np.ix_(keep, keep)] / np.outer(std[keep], std[keep])
     eig = np.linalg.eigvalsh(cov)[::-1]
     return np.clip(eig, 0.0, None)
 
