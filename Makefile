@@ -43,8 +43,8 @@ smoke-notebooks: setup
 run: extract notebooks
 
 test: setup
-	$(VENV)/bin/python -m pytest -q tests
-	$(VENV)/bin/python -m pytest -q --nbval-lax --sanitize-with tests/nbval_sanitize.cfg notebooks
+	$(VENV)/bin/python -m pytest -q --durations=15 tests
+	$(VENV)/bin/python -m pytest -q --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg notebooks
 
 benchmark: setup
 	mkdir -p benchmarks/results
