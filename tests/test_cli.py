@@ -46,3 +46,43 @@ def test_bad_file_through_console_script(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and "non-finite" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture
+def bad_inputs(tmp_path):
+    """One file per kind of bad input the command line must reject with one line."""
+    ok = "Lattice=\"5 0 0 0 5 0 0 0 5\" Properties=species:S:1:pos:R:3 energy=-1.0 pbc=\"T T T\""
+    files = {
+        "truncated": f"3\n{ok}\nNa 0 0 0\nCl 2.5 0 0\n",
+        "malformed": f"2\n{ok}\nNa 0 0 0\nCl 2.5 zero 0\n",
+        "nan": f"2\n{ok}\nNa 0 0 0\nCl nan 0 0\n",
+        "empty": f"0\n{ok}\n",
+        "element": f"2\n{ok}\nNa 0 0 0\nOg 2.5 0 0\n",
+    }
+    out = {}
+    for name, text in files.items():
+        out[name] = tmp_path / f"{name}.xyz"
+        out[name].write_text(text)
+    return out
+
+
+@pytest.mark.parametrize("case, message", [
+    ("truncated", "cannot be read"), ("malformed", "cannot be read"), ("nan", "non-finite positions"),
+    ("empty", "no atoms"), ("element", "does not support element(s) Og"),
+])
+def test_bad_input_one_line_nonzero_exit(capsys, bad_inputs, tmp_path, monkeypatch, case, message):
+    monkeypatch.setenv("UMLIP_LATENTS_STORE", str(tmp_path / "store"))
+    assert main(["extract", "--dataset", str(bad_inputs[case]), "--model", "chgnet-0.3.0", "--quiet",
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+    assert not (tmp_path / "store" / case / "chgnet-0.3.0" / "last").exists()  # nothing half-written
+
+
+def test_checksum_mismatch_is_one_line(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("UMLIP_LATENTS_DATA", str(tmp_path))
+    (tmp_path / "datasets").mkdir()
+    (tmp_path / "datasets" / "mpf-alkali-tp.xyz").write_text("tampered\n")
+    assert main(["datasets", "fetch", "mpf-alkali-tp"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sha256" in err[0] and "mpf-alkali-tp" in err[0]

@@ -1,0 +1,28 @@
+"""The batched energy-only pass is the real model: its energies equal the package's own ASE calculator."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import offline_panel
+
+from umlip_latents.extract import load_adapter
+from umlip_latents.extract.base import run_adapter
+from umlip_latents.registry import get_spec
+
+MAIN_ENV = [k for k in offline_panel() if get_spec(k).environment == "main"] + ["test-mace"]
+
+
+@pytest.mark.parametrize("key", MAIN_ENV)
+def test_energy_equals_package_calculator(key, request, crystals):
+    spec = request.getfixturevalue("trained_mace") if key == "test-mace" else get_spec(key)
+    adapter = load_adapter(spec, "cpu")
+    fs = run_adapter(adapter, crystals, layer="last")
+    calc = adapter.calculator()
+    ref = []
+    for atoms in crystals:
+        a = atoms.copy()
+        a.calc = calc
+        ref.append(a.get_potential_energy())
+    n = np.array([len(a) for a in crystals])
+    assert np.max(np.abs(fs.energy - np.array(ref)) / n) < 1e-5

@@ -1,0 +1,63 @@
+"""Families in other environments: the subprocess path and its errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from umlip_latents.errors import ModelUnavailable
+from umlip_latents.extract import extract_features
+from umlip_latents.extract.worker import pack_structures, unpack_structures
+from umlip_latents.registry import ModelSpec, get_spec
+
+
+def test_structures_travel_exactly(tmp_path, crystals):
+    pack_structures(crystals, tmp_path / "s.npz")
+    back = unpack_structures(tmp_path / "s.npz")
+    for a, b in zip(crystals, back):
+        assert a.positions.tobytes() == b.positions.tobytes()
+        assert (a.numbers == b.numbers).all() and (a.pbc == b.pbc).all()
+        assert a.info["structure_id"] == b.info["structure_id"]
+
+
+def test_missing_environment_says_how_to_make_it(crystals):
+    spec = ModelSpec(**{**get_spec("sevennet-0").to_dict(), "key": "x", "environment": "no-such-env"})
+    with pytest.raises(ModelUnavailable, match="make setup"):
+        extract_features(spec, crystals[:1])
+
+
+def test_child_error_comes_back_with_its_message(crystals, tmp_path):
+    spec = ModelSpec(**{**get_spec("sevennet-0").to_dict(), "key": "sevennet-missing",
+                        "source": {"kind": "local", "path": str(tmp_path / "nope.pth")}})
+    with pytest.raises(ModelUnavailable) as err:
+        extract_features(spec, crystals[:1], device="cpu")
+    assert "sevennet-missing" in str(err.value) and "[in environment sevenn]" in str(err.value)
+
+
+def test_sevenn_energy_equals_its_own_calculator(crystals, tmp_path):
+    """The batched pass in the child is the real model: energies equal sevenn's ASE calculator."""
+    import json
+    import subprocess
+
+    from umlip_latents.extract.worker import environment_python
+
+    fs = extract_features("sevennet-0", crystals, device="cpu")
+    script = (
+        "import json, sys\n"
+        "from ase.io import read\n"
+        "from umlip_latents.extract import load_adapter\n"
+        "calc = load_adapter('sevennet-0', 'cpu').calculator()\n"
+        "out = []\n"
+        "for a in read(sys.argv[1], ':'):\n"
+        "    a.calc = calc; out.append(a.get_potential_energy())\n"
+        "print(json.dumps(out))\n"
+    )
+    from ase.io import write
+
+    path = tmp_path / "crystals.xyz"
+    write(path, crystals, format="extxyz")
+    proc = subprocess.run([str(environment_python("sevenn")), "-c", script, str(path)], capture_output=True,
+                          text=True, check=True)
+    ref = np.array(json.loads(proc.stdout.strip().splitlines()[-1]))
+    n = np.array([len(a) for a in crystals])
+    assert np.abs(fs.energy - ref).max() / n.min() < 1e-5
