@@ -12,6 +12,19 @@ from umlip_latents.features import Block, FeatureSet
 RTOL = 1e-6
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small problems: one BLAS/torch thread (oversubscribed threads are erratic on shared CPUs)."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(n)
+
+
 def _latent(n=300, seed=0, dims=(24, 16), noise=0.1):
     """Features of several 'models' sharing a non-linear function of one latent state."""
     rng = np.random.default_rng(seed)
@@ -51,8 +64,29 @@ def test_global_measures_equal_skmatter(case):
     _close(metrics.gfre(X, Y, tr, te, device="cpu"), sk.global_reconstruction_error(X, Y, **kw))
     # skmatter's GFRD only runs for D_x <= D_y
     a, b = (X, Y) if X.shape[1] <= Y.shape[1] else (Y, X)
-    _close(metrics.pointwise_gfrd(a, b, tr, te, device="cpu"), sk.pointwise_global_reconstruction_distortion(a, b, **kw))
+    _close(metrics.pointwise_gfrd(a, b, tr, te, device="cpu"),
+           sk.pointwise_global_reconstruction_distortion(a, b, **kw))
     _close(metrics.gfrd(a, b, tr, te, device="cpu"), sk.global_reconstruction_distortion(a, b, **kw))
+
+
+def test_wide_and_ill_conditioned_equal_skmatter():
+    rng = np.random.default_rng(9)
+    # fewer training rows than features
+    X, Y = _latent(n=60, dims=(40, 30), seed=9)
+    tr, te = _split(60, 20)
+    kw = dict(train_idx=tr, test_idx=te)
+    _close(metrics.gfre(X, Y, tr, te, device="cpu"), sk.global_reconstruction_error(X, Y, **kw))
+    _close(metrics.gfrd(Y, X, tr, te, device="cpu"), sk.global_reconstruction_distortion(Y, X, **kw))
+    _close(metrics.lfre(X, Y, tr, te, n_local_points=14, device="cpu"),
+           sk.local_reconstruction_error(X, Y, 14, **kw))
+    # float32 features of low rank: singular values at float32 noise, inside the cutoff range
+    Z = rng.normal(size=(300, 6))
+    A = (Z @ rng.normal(size=(6, 32))).astype(np.float32)
+    B = np.hstack([A[:, :10], np.tanh(Z[:, :3])]).astype(np.float32)
+    tr, te = _split(300, 100)
+    for s, t in [(A, A), (A, B), (B, A)]:
+        ref = sk.global_reconstruction_error(s.astype(float), t.astype(float), train_idx=tr, test_idx=te)
+        assert metrics.gfre(s, t, tr, te, device="cpu") == pytest.approx(ref, rel=RTOL, abs=1e-9)
 
 
 def test_default_split_and_float32_equal_skmatter():
@@ -90,7 +124,9 @@ def test_properties():
     assert metrics.gfre(X, X @ rng.normal(size=(24, 10)), tr, te, device="cpu") < 1e-8  # linear function of X
     assert metrics.gfre(X, np.hstack([X, rng.normal(size=(400, 8))]), tr, te, device="cpu") > 0.3  # extra info
     assert metrics.gfre(X, rng.normal(size=(400, 8)), tr, te, device="cpu") > 0.9  # nothing shared
+    X0 = X.copy()
     assert metrics.lfre(X, X, tr, te, n_local_points=40, device="cpu") < 1e-8  # needs k > D
+    np.testing.assert_array_equal(X, X0)                                        # inputs untouched
     assert metrics.gfrd(X, Y, tr, te, device="cpu") >= 0                       # D_x > D_y: padded, runs
     assert metrics.linear_cka(X, X @ Q * 3.0) == pytest.approx(1.0)
     assert metrics.linear_cka(X, Y) == pytest.approx(metrics.linear_cka(Y, X))
@@ -118,10 +154,11 @@ def test_reconstruction_matrix_direction_and_layout():
     big = np.hstack([small, np.random.default_rng(7).normal(size=(400, 6))])
     species = np.full(400, 14)
     feats = {"small": _featureset(small, species), "big": _featureset(big, species), "other": other}
-    df = metrics.reconstruction_matrix(feats, metric=["gfre", "lfre", "cka"], test_size=100, device="cpu",
-                                       n_local_points=40)
+    df = metrics.reconstruction_matrix(feats, metric=["gfre", "lfre", "cka", "gfrd", "nonlinear_gfre"],
+                                       test_size=100, device="cpu", n_local_points=40, n_components=200)
     assert list(df.columns) == ["source", "target", "metric", "value", "ci_low", "ci_high"]
-    assert len(df) == 3 * 9 and df.attrs["n_test"] == 100
+    assert len(df) == 5 * 9 and df.attrs["n_test"] == 100
+    assert set(df.metric) == set(metrics.METRICS) and (df.value >= 0).all()
     g = df[df.metric == "gfre"].set_index(["source", "target"]).value
     assert g["big", "small"] < 1e-6 and g["small", "big"] > 0.2 and g["small", "small"] < 1e-8
     l = df[df.metric == "lfre"].set_index(["source", "target"]).value
@@ -131,6 +168,8 @@ def test_reconstruction_matrix_direction_and_layout():
     assert g["other", "big"] == pytest.approx(metrics.gfre(other, big.astype(np.float32), tr, te, device="cpu"),
                                               rel=1e-10)
     assert df[["ci_low", "ci_high"]].isna().all().all()
+    c = df[df.metric == "cka"].set_index(["source", "target"]).value
+    assert c["small", "big"] == pytest.approx(c["big", "small"]) and c["big", "big"] == pytest.approx(1.0)
 
 
 def test_reconstruction_matrix_bootstrap_and_stratify():

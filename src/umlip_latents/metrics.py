@@ -1,26 +1,27 @@
-"""Feature-space reconstruction measures between models, exact to scikit-matter and fast.
+"""Feature-space reconstruction measures between models, equal to scikit-matter's and fast.
 
 GFRE, GFRD and LFRE follow Goscinski, Fraux, Imbalzano and Ceriotti, *The role of feature
 space in atomistic learning*, Mach. Learn.: Sci. Technol. 2, 025028 (2021), exactly as
 ``skmatter.metrics`` (0.4.1) implements them: each feature matrix is centred and scaled to
-unit total variance on the training atoms (``StandardFlexibleScaler(column_wise=False)``), the
-source ``X`` reconstructs the target ``Y`` by ``Ridge2FoldCV(alphas=geomspace(1e-9, 0.9, 20),
-alpha_type="relative", regularization_method="cutoff", scoring="neg_root_mean_squared_error")``
-and the error of a test atom is the norm of its residual row.
+unit total variance on the training rows (``StandardFlexibleScaler(column_wise=False)``), the
+source ``X`` reconstructs the target ``Y`` with ``Ridge2FoldCV(alphas=geomspace(1e-9, 0.9, 20),
+alpha_type="relative", regularization_method="cutoff", scoring="neg_root_mean_squared_error",
+random_state=0x5F3759DF)`` and the error of a test row is the norm of its residual.
 
-What makes it fast, without changing any number beyond rounding:
+The numbers are skmatter's up to float64 rounding; the speed comes from
 
-- the three SVDs the 2-fold CV needs (fold 1, fold 2, all training rows) are computed once per
-  source in float64 and shared by every target, which is only more right-hand-side columns;
-- the CV error of every cutoff is read from one cumulative sum over singular components
-  (``||y - P_k B_k||^2`` expanded with the Gram matrix of ``P``), not one fit per alpha;
-  as in skmatter, one alpha per target is chosen by the mean over its columns of the
-  per-column RMSE, averaged over the two folds;
-- LFRE: one neighbour search for all test atoms, and the local 2-fold fits of a batch of test
-  atoms run as batched torch linear algebra (``device="auto"`` uses a GPU when present).
+- factorising each source once (QR of each CV fold, SVD of the triangular factors, the
+  all-rows SVD from the stacked factors) and solving for every target at once: a target only
+  adds right-hand-side columns;
+- reading the CV error of all cutoffs from one cumulative sum over singular components
+  (one alpha per target, chosen like skmatter by the column-mean RMSE over both folds);
+- LFRE: one neighbour search for all test rows, then the local 2-fold fits of a batch of test
+  rows as batched torch linear algebra, shared by all targets with the same neighbour count.
 
-Beyond the paper: :func:`linear_cka` (Kornblith et al., ICML 2019) and :func:`nonlinear_gfre`
-(kernel ridge on RBF Nystroem features) to tell missing information from non-linearity.
+Inputs may be float32 (stored features); everything is computed in float64 on ``device``
+(``"auto"``: a GPU when visible). Beyond the paper: :func:`linear_cka` (Kornblith et al.,
+ICML 2019) and :func:`nonlinear_gfre` (kernel ridge) to tell missing information from
+non-linearity.
 """
 
 from __future__ import annotations
@@ -29,12 +30,12 @@ from collections.abc import Mapping
 
 import numpy as np
 
-#: Ridge2FoldCV alphas used by skmatter's reconstruction measures (relative alphas must be < 1).
+#: Ridge2FoldCV alphas of skmatter's reconstruction measures (relative alphas must be < 1).
 DEFAULT_ALPHAS = np.geomspace(1e-9, 0.9, 20)
-#: Seed skmatter uses for its default half/half split and for the 2-fold CV split.
+#: Seed of skmatter's default half/half split and of its 2-fold CV split.
 RANDOM_STATE = 0x5F3759DF
 METRICS = ("gfre", "gfrd", "lfre", "cka", "nonlinear_gfre")
-#: Rough size of the float64 intermediates of one batch (bytes).
+#: Rough size of the float64 intermediates of one LFRE batch or test chunk (bytes).
 _BATCH_BYTES = 2 ** 28
 
 
@@ -48,6 +49,12 @@ def _device(device: str):
     from .extract.base import resolve_device
 
     return torch.device(resolve_device(device))
+
+
+def _tensor(a, dev):
+    import torch
+
+    return torch.as_tensor(a, dtype=torch.float64, device=dev)
 
 
 def _check_alphas(alphas, alpha_type: str) -> np.ndarray:
@@ -86,23 +93,28 @@ def _resolve_split(n: int, train_idx, test_idx) -> tuple[np.ndarray, np.ndarray]
 
 
 def _scale_split(A, train_idx, test_idx, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of ``A`` centred and scaled to unit total variance with training statistics (float64).
+    """Train and test rows of ``A`` (float64), centred and scaled by the training rows.
 
-    Same operations as ``StandardFlexibleScaler(column_wise=False)`` on float64 input.
+    The operations of ``StandardFlexibleScaler(column_wise=False)`` on float64 input, so the
+    scaled values (and hence LFRE's neighbour order) are bit-identical to skmatter's.
     """
-    A = np.asarray(A) if not hasattr(A, "shape") else A
+    A = A if hasattr(A, "shape") else np.asarray(A)
     if A.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (n_samples, n_features), got shape {A.shape}")
-    train = np.asarray(A[train_idx], dtype=np.float64)
+        raise ValueError(f"{name} must be 2-D (n_samples, n_features), got shape {tuple(A.shape)}")
+    train = np.asarray(A[train_idx], dtype=np.float64)   # integer indexing copies: safe to scale in place
     test = np.asarray(A[test_idx], dtype=np.float64)
     if not (np.isfinite(train).all() and np.isfinite(test).all()):
         raise ValueError(f"{name} holds NaN or infinite values")
     mean = train.mean(axis=0)
-    var = ((train - mean) ** 2).mean(axis=0).sum()
+    train -= mean
+    var = (train ** 2).mean(axis=0).sum()
     if var < 1e-12:
         raise ValueError(f"{name} has zero variance on the training rows; it cannot be scaled")
     scale = np.sqrt(var)
-    return (train - mean) / scale, (test - mean) / scale
+    train /= scale
+    test -= mean
+    test /= scale
+    return train, test
 
 
 def _prepare_pair(X, Y, train_idx, test_idx, device):
@@ -114,150 +126,200 @@ def _prepare_pair(X, Y, train_idx, test_idx, device):
     return [_tensor(a, dev) for a in arrays]
 
 
-def _tensor(a, dev):
+# ---------------------------------------------------------------------------------------------
+# the engine: Ridge2FoldCV(regularization_method="cutoff"), one factorisation per source
+# ---------------------------------------------------------------------------------------------
+
+def _kfold(n: int, random_state) -> list[np.ndarray]:
+    """The two CV folds ``Ridge2FoldCV`` draws: ``next(KFold(2, shuffle=True).split(...))``."""
+    from sklearn.model_selection import KFold
+
+    return list(next(KFold(n_splits=2, shuffle=True, random_state=random_state).split(np.arange(n))))
+
+
+def _alpha_cuts(s_a, s_b, alphas, alpha_type: str, rcond: float):
+    """Scaled alphas (B, A) and the CV thresholds ``max(alpha, rcond)`` on singular values."""
     import torch
 
-    return torch.as_tensor(a, dtype=torch.float64, device=dev)
+    a = torch.as_tensor(alphas, dtype=s_a.dtype, device=s_a.device)[None, :]
+    if alpha_type == "relative":  # relative to the largest singular value of both folds
+        a = a * torch.maximum(s_a[:, :1], s_b[:, :1])
+    scaled = a.expand(len(s_a), -1).contiguous()
+    return scaled, scaled.clamp(min=rcond)
 
 
-# ---------------------------------------------------------------------------------------------
-# the engine: Ridge2FoldCV(regularization_method="cutoff") on batches sharing one factorisation
-# ---------------------------------------------------------------------------------------------
+def _safe_inv(s, floor: float):
+    import torch
 
-class _Ridge2FoldCutoff:
-    """skmatter's ``Ridge2FoldCV`` with cutoff regularisation, for a batch of source matrices.
+    return torch.where(s > floor, 1.0 / s, 0.0)
+
+
+def _cv_rmse(s, cut, Bm, PtY, PtP, yy, n_b: int):
+    """Per-column RMSE on fold b of the cutoff fits on fold a, for every alpha: (B, A, C).
+
+    With ``P = X_b V_a / s_a`` and ``Bm = U_a^T y_a``, keeping ``k`` components predicts
+    ``P[:, :k] Bm[:k]``, whose squared error is ``||y_b||^2`` plus a cumulative sum over
+    components of terms built from ``P^T y_b`` and ``P^T P``: all alphas in one pass.
 
     Parameters
     ----------
-    X : torch.Tensor of shape (B, n, D), float64
-        B independent training matrices with the same number of rows (one per test atom for
-        LFRE, B=1 for GFRE). Factorised once; :meth:`fit_predict` takes any number of targets.
+    s : (B, r) singular values of fold a, descending;  cut : (B, A) thresholds on ``s``
+    Bm, PtY : (B, r, C);  PtP : (B, r, r);  yy : (B, C) ``||y_b||^2``;  n_b : rows of fold b
+    """
+    import torch
+
+    term = torch.baddbmm(PtY, torch.tril(PtP, -1), Bm, beta=-2.0, alpha=2.0)   # 2 (H - P^T y_b)
+    term = Bm * torch.addcmul(term, Bm, torch.diagonal(PtP, dim1=1, dim2=2)[..., None])
+    cum = torch.cumsum(term, 1)
+    k = (s[:, None, :] > cut[:, :, None]).sum(-1, keepdim=True)      # (B, A, 1) components kept
+    gained = torch.gather(cum, 1, (k - 1).clamp(min=0).expand(-1, -1, cum.shape[-1]))
+    sse = yy[:, None, :] + torch.where(k > 0, gained, 0.0)
+    return (sse.clamp(min=0.0) / n_b).sqrt()
+
+
+def _best_alphas(losses, scaled, widths):
+    """Scaled alpha chosen for each target (B, T): smallest column-mean RMSE summed over folds.
+
+    The same choice as skmatter's ``argmax`` of ``-(rmse_12 + rmse_21) / 2`` (first on ties).
+    """
+    import torch
+
+    loss = sum(torch.stack([c.mean(-1) for c in rmse.split(widths, -1)], -1) for rmse in losses)  # (B, A, T)
+    return torch.gather(scaled, 1, torch.argmin(loss, dim=1))
+
+
+class _Folds:
+    """Training targets, rows reordered as CV fold 1 then fold 2 (the same for every source)."""
+
+    def __init__(self, Y, widths, random_state):
+        import torch
+
+        f1, f2 = _kfold(len(Y), random_state)
+        self.order = torch.as_tensor(np.concatenate([f1, f2]), device=Y.device)
+        self.slices = [slice(0, len(f1)), slice(len(f1), len(Y))]
+        Y = Y[self.order]
+        self.Y = [Y[sl] for sl in self.slices]
+        self.yy = [torch.linalg.vector_norm(y, dim=0) ** 2 for y in self.Y]
+        self.widths = list(widths)
+
+
+class _GlobalRidge:
+    """Cutoff ``Ridge2FoldCV`` of all targets in ``folds`` from one source ``X`` (n, D).
+
+    Each fold is factorised as ``X_a = Q_a R_a``, ``R_a = U_R S V^T``, so ``U_a = Q_a U_R`` and
+    ``U_a^T Y_a`` is as accurate as with an SVD of the data; the SVD of all training rows
+    comes from the QR of the stacked ``R_1, R_2``. Targets enter only through ``Q_a^T Y_a``.
     """
 
-    def __init__(self, X, alphas: np.ndarray, alpha_type: str, random_state):
-        import torch
-        from sklearn.model_selection import KFold
-
-        n_batch, n, dim = X.shape
-        folds = next(KFold(n_splits=2, shuffle=True, random_state=random_state).split(np.arange(n)))
-        self.X = X
-        self.folds = [torch.as_tensor(f, device=X.device) for f in folds]
-        self.svd_folds = [torch.linalg.svd(X[:, f], full_matrices=False) for f in self.folds]
-        self.svd_all = torch.linalg.svd(X, full_matrices=False)
-        self.rcond = max(n, dim) * np.finfo(np.float64).eps  # scipy.linalg.pinv's default, as skmatter
-        a = torch.as_tensor(alphas, dtype=X.dtype, device=X.device)[None, :]
-        if alpha_type == "relative":
-            a = a * torch.maximum(self.svd_folds[0].S[:, :1], self.svd_folds[1].S[:, :1])
-        self.scaled = a.expand(n_batch, -1).contiguous()          # (B, A)
-        self.cut = self.scaled.clamp(min=self.rcond)              # min(n_fold, #(s > alpha)) as a threshold
-
-    def _fold_rmse(self, Y, a: int, b: int):
-        """Per-column RMSE on fold ``b`` of the fits on fold ``a``, for every alpha: (B, A, C)."""
+    def __init__(self, X, folds: _Folds, alphas, alpha_type):
         import torch
 
-        U, s, Vh = self.svd_folds[a]
-        X_b, Y_a, Y_b = self.X[:, self.folds[b]], Y[:, self.folds[a]], Y[:, self.folds[b]]
-        inv = torch.where(s > self.rcond, 1.0 / s, 0.0)
-        P = (X_b @ Vh.mT) * inv[:, None, :]                      # (B, n_b, r): X_b V / s
-        Bm = U.mT @ Y_a                                            # (B, r, C):   U^T y_a
-        G = P.mT @ P
-        # ||y_b - P[:, :k] Bm[:k]||^2 = ||y_b||^2 + sum_{c<k} term_c  (term_c adds component c)
-        term = Bm * (2.0 * (torch.tril(G, -1) @ Bm - P.mT @ Y_b) + Bm * torch.diagonal(G, dim1=1, dim2=2)[..., None])
-        cum = torch.cat([torch.zeros_like(term[:, :1]), torch.cumsum(term, 1)], 1)
-        k = (s[:, None, :] > self.cut[:, :, None]).sum(-1)       # (B, A) components kept per alpha
-        sse = (Y_b ** 2).sum(1)[:, None, :] + torch.gather(cum, 1, k[..., None].expand(-1, -1, cum.shape[-1]))
-        return (sse.clamp(min=0.0) / Y_b.shape[1]).sqrt()
+        n, dim = X.shape
+        X = X[folds.order]
+        QR = [torch.linalg.qr(X[sl]) for sl in folds.slices]
+        QtY = [q.T @ y for (q, _), y in zip(QR, folds.Y)]
+        svd = [torch.linalg.svd(r, full_matrices=False) for _, r in QR]
+        rcond = max(n, dim) * np.finfo(np.float64).eps  # scipy.linalg.pinv's default, as skmatter
+        scaled, cut = _alpha_cuts(svd[0].S[None], svd[1].S[None], alphas, alpha_type, rcond)
+        losses = []
+        for a, b in ((0, 1), (1, 0)):
+            U, s, Vh = svd[a]
+            T = QR[b].R @ (Vh.T * _safe_inv(s, rcond))               # X_b V_a / s_a = Q_b T
+            losses.append(_cv_rmse(s[None], cut, (U.T @ QtY[a])[None], (T.T @ QtY[b])[None], (T.T @ T)[None],
+                                   folds.yy[b][None], len(folds.Y[b])))
+        thr = torch.repeat_interleave(_best_alphas(losses, scaled, folds.widths)[0],
+                                      torch.as_tensor(folds.widths, device=X.device))
+        Q, R = torch.linalg.qr(torch.cat([QR[0].R, QR[1].R]))
+        U, self.s, self.Vh = torch.linalg.svd(R, full_matrices=False)
+        self.Vs = self.Vh.T * _safe_inv(self.s, 0.0)                  # V / s
+        self.W = ((Q @ U).T @ torch.cat(QtY)) * (self.s[:, None] > thr[None, :])   # masked U^T Y
 
-    def fit_predict(self, Y, X_query, widths):
-        """Select one alpha per target by 2-fold CV, refit on all rows, predict ``X_query``.
-
-        Parameters
-        ----------
-        Y : torch.Tensor of shape (B, n, C)
-            Targets side by side; target ``t`` owns ``widths[t]`` consecutive columns.
-        X_query : torch.Tensor of shape (B, q, D)
-
-        Returns
-        -------
-        pred : torch.Tensor of shape (B, q, C)
-        best : torch.Tensor of shape (B, T), int64
-            Index of the selected alpha of each target.
-        """
-        import torch
-
-        loss = sum(torch.stack([c.mean(-1) for c in self._fold_rmse(Y, a, b).split(widths, -1)], -1)
-                   for a, b in ((0, 1), (1, 0)))                   # (B, A, T)
-        best = torch.argmin(loss, dim=1)                           # first best, like np.argmax of -loss/2
-        thr = torch.repeat_interleave(torch.gather(self.scaled, 1, best),
-                                      torch.as_tensor(widths, device=Y.device), dim=1)
-        U, s, Vh = self.svd_all
-        Z = (X_query @ Vh.mT) * torch.where(s > 0, 1.0 / s, 0.0)[:, None, :]
-        W = (U.mT @ Y) * (s[:, :, None] > thr[:, None, :])
-        return Z @ W, best
-
-
-def _groups(widths, n_rows: int, batch: int = 1) -> list[tuple[int, int]]:
-    """Consecutive target ranges whose intermediates fit in ``_BATCH_BYTES``."""
-    max_cols = max(1, _BATCH_BYTES // (8 * 6 * max(n_rows, 1) * batch))
-    out, lo, cols = [], 0, 0
-    for i, w in enumerate(widths):
-        if cols and cols + w > max_cols:
-            out.append((lo, i))
-            lo, cols = i, 0
-        cols += w
-    out.append((lo, len(widths)))
-    return out
+    def train_cross(self, cols):
+        """``X_train^T Y_pred_train`` of the targets' ``cols``, i.e. ``V S W``: (D, len(cols))."""
+        return self.Vh.T @ (self.s[:, None] * self.W[:, cols])
 
 
 def _offsets(widths) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(widths)]).astype(int)
 
 
-def _global_errors(X_train, X_test, Y_train, Y_test, widths, *, alphas, alpha_type, random_state,
-                   distortion: bool = False) -> list:
-    """Pointwise GFRE (or GFRD) of every target: list of (n_test,) tensors."""
+def _global_errors(X_train, X_test, folds: _Folds, Y_test, *, alphas, alpha_type, distortion=False) -> list:
+    """Pointwise GFRE (or GFRD) of every target in ``folds``: list of (n_test,) tensors."""
     import torch
 
-    n_train = len(X_train)
-    query = torch.cat([X_train, X_test])[None] if distortion else X_test[None]
-    model = _Ridge2FoldCutoff(X_train[None], alphas, alpha_type, random_state)
-    off = _offsets(widths)
-    out = []
-    for lo, hi in _groups(widths, n_train):
-        w = list(widths[lo:hi])
-        pred, _ = model.fit_predict(Y_train[None, :, off[lo]:off[hi]], query, w)
-        for t, p in zip(range(lo, hi), pred[0].split(w, 1)):
-            if distortion:
-                out.append(_distortion(X_train, X_test, p[:n_train], p[n_train:]))
-            else:
-                out.append(torch.linalg.vector_norm(Y_test[:, off[t]:off[t + 1]] - p, dim=1))
-    return out
+    fit = _GlobalRidge(X_train, folds, alphas, alpha_type)
+    Z = X_test @ fit.Vs
+    if distortion:
+        off = _offsets(folds.widths)
+        return [_distortion(fit.train_cross(slice(lo, hi)), X_test, Z @ fit.W[:, lo:hi])
+                for lo, hi in zip(off[:-1], off[1:])]
+    step = max(1, _BATCH_BYTES // (16 * Y_test.shape[1]))
+    norms = [torch.stack([torch.linalg.vector_norm(r, dim=1) for r in torch.addmm(
+        Y_test[lo:lo + step], Z[lo:lo + step], fit.W, alpha=-1.0).split(folds.widths, 1)], 1)
+        for lo in range(0, len(Z), step)]
+    return list(torch.cat(norms).T)
 
 
-def _distortion(X_train, X_test, P_train, P_test):
-    """skmatter's GFRD step: OrthogonalRegression(use_orthogonal_projector=False) on the ridge fit.
+def _distortion(XtP, X_test, P_test):
+    """skmatter's GFRD step: OrthogonalRegression(use_orthogonal_projector=False) on the fit.
 
-    Both sides are zero-padded to ``m = max(D_x, D_y)``; the Procrustes rotation maps the
-    padded ``X`` onto the padded ridge predictions. For ``D_x > D_y`` skmatter fails on a
-    shape mismatch; here the prediction is padded too, which is the same padded problem.
+    ``XtP = X_train^T P_train`` (D_x, D_y), ``P`` the ridge reconstruction. Both sides are
+    zero-padded to ``m = max(D_x, D_y)`` and the Procrustes rotation maps padded ``X`` onto
+    padded ``P``. For ``D_x > D_y`` skmatter fails on a shape mismatch; here the test
+    reconstruction is padded as well, which is the same padded problem.
     """
     import torch
 
-    dx, dy = X_train.shape[1], P_train.shape[1]
+    dx, dy = XtP.shape
     m = max(dx, dy)
-    M = torch.zeros(m, m, dtype=X_train.dtype, device=X_train.device)
-    M[:dx, :dy] = X_train.T @ P_train
+    M = torch.zeros(m, m, dtype=XtP.dtype, device=XtP.device)
+    M[:dx, :dy] = XtP
     u, _, vh = torch.linalg.svd(M)
     orth = X_test @ (u @ vh)[:dx]
-    ref = torch.nn.functional.pad(P_test, (0, m - dy))
-    return torch.linalg.vector_norm(ref - orth, dim=1)
+    return torch.linalg.vector_norm(torch.nn.functional.pad(P_test, (0, m - dy)) - orth, dim=1)
+
+
+class _LocalRidge:
+    """Cutoff ``Ridge2FoldCV`` on a batch of small source matrices (LFRE), by batched SVDs.
+
+    ``X`` (B, k, D): one centred neighbourhood per test row, rows of CV fold 1 (``n1``) first.
+    """
+
+    def __init__(self, X, n1: int, alphas, alpha_type):
+        import torch
+
+        n_batch, n, dim = X.shape
+        self.X = X
+        self.folds = [slice(0, n1), slice(n1, n)]
+        self.svd_folds = [torch.linalg.svd(X[:, f], full_matrices=False) for f in self.folds]
+        self.svd_all = torch.linalg.svd(X, full_matrices=False)
+        self.rcond = max(n, dim) * np.finfo(np.float64).eps
+        self.scaled, self.cut = _alpha_cuts(self.svd_folds[0].S, self.svd_folds[1].S, alphas, alpha_type, self.rcond)
+
+    def fit_predict(self, Y, X_query, widths):
+        """Fit ``Y`` (B, k, C) and predict ``X_query`` (B, q, D): (B, q, C)."""
+        import torch
+
+        losses = []
+        for a, b in ((0, 1), (1, 0)):
+            U, s, Vh = self.svd_folds[a]
+            Y_b = Y[:, self.folds[b]]
+            P = (self.X[:, self.folds[b]] @ Vh.mT) * _safe_inv(s, self.rcond)[:, None, :]
+            losses.append(_cv_rmse(s, self.cut, U.mT @ Y[:, self.folds[a]], P.mT @ Y_b, P.mT @ P,
+                                   torch.linalg.vector_norm(Y_b, dim=1) ** 2, Y_b.shape[1]))
+        thr = _best_alphas(losses, self.scaled, widths)                 # (B, T)
+        U, s, Vh = self.svd_all
+        Z = (X_query @ Vh.mT) * _safe_inv(s, 0.0)[:, None, :]
+        UtY = U.mT @ Y
+        return torch.cat([(Z * (s > thr[:, t, None])[:, None, :]) @ part      # keep s > alpha_t
+                          for t, part in enumerate(UtY.split(widths, -1))], -1)
 
 
 def _neighbour_order(X_train, X_test, k: int):
     """Indices of the ``k`` nearest training rows of each test row, nearest first: (n_test, k).
 
-    On CPU the squared distances and ``np.argsort`` are skmatter's own expressions, so ties
-    are broken the same way; on a GPU ``torch.topk`` is used.
+    On CPU: skmatter's own squared-distance expression and ``np.argsort``, so ties fall the
+    same way; on a GPU ``torch.topk``.
     """
     import torch
 
@@ -282,6 +344,8 @@ def _local_errors(X_train, X_test, Y_train, Y_test, widths, ks, *, alphas, alpha
     """Pointwise LFRE of every target (target ``t`` with ``ks[t]`` neighbours): list of (n_test,)."""
     import torch
 
+    if min(ks) < 2:
+        raise ValueError("n_local_points must be at least 2")
     if max(ks) > len(X_train):
         raise ValueError(f"n_local_points={max(ks)} exceeds the {len(X_train)} training rows")
     order = _neighbour_order(X_train, X_test, max(ks)).to(X_train.device)
@@ -292,18 +356,20 @@ def _local_errors(X_train, X_test, Y_train, Y_test, widths, ks, *, alphas, alpha
         cols = torch.as_tensor(np.concatenate([np.arange(off[t], off[t + 1]) for t in targets]), device=X_train.device)
         w = [widths[t] for t in targets]
         Yg_train, Yg_test = Y_train[:, cols], Y_test[:, cols]
+        f1, f2 = _kfold(k, random_state)                  # local CV folds: positions among the k
+        by_fold = torch.as_tensor(np.concatenate([f1, f2]), device=X_train.device)
         step = batch_size or max(1, _BATCH_BYTES // (8 * 8 * k * (X_train.shape[1] + len(cols))))
         errors = []
         for lo in range(0, len(X_test), step):
-            idx = order[lo:lo + step, :k]
-            Xl, Yl = X_train[idx], Yg_train[idx]                 # (b, k, D), (b, k, C)
+            Xl, Yl = X_train[order[lo:lo + step, :k][:, by_fold]], Yg_train[order[lo:lo + step, :k][:, by_fold]]
             mx, my = Xl.mean(1, keepdim=True), Yl.mean(1, keepdim=True)
-            model = _Ridge2FoldCutoff(Xl - mx, alphas, alpha_type, random_state)
-            pred, _ = model.fit_predict(Yl - my, X_test[lo:lo + step, None, :] - mx, w)
+            pred = _LocalRidge(Xl.sub_(mx), len(f1), alphas, alpha_type).fit_predict(
+                Yl.sub_(my), X_test[lo:lo + step, None, :] - mx, w)
             res = Yg_test[lo:lo + step] - (my + pred)[:, 0]
             errors.append(torch.stack([torch.linalg.vector_norm(r, dim=1) for r in res.split(w, 1)], 1))
+        errors = torch.cat(errors)
         for j, t in enumerate(targets):
-            out[t] = torch.cat(errors)[:, j]
+            out[t] = errors[:, j]
     return out
 
 
@@ -313,10 +379,17 @@ def _rms(pointwise) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# public pair functions (skmatter.metrics equivalents)
+# one pair (the skmatter.metrics functions)
 # ---------------------------------------------------------------------------------------------
 
-_PAIR_DOC = """
+def pointwise_gfre(X, Y, train_idx=None, test_idx=None, *, alphas=None, alpha_type="relative",
+                   random_state=RANDOM_STATE, device="auto") -> np.ndarray:
+    """Global feature reconstruction error of each test sample (Goscinski et al. 2021).
+
+    ``||y_i - x_i W||`` for scaled rows, ``W`` the 2-fold-CV cutoff ridge fit of ``Y`` on ``X``
+    over the training rows; equal to ``skmatter.metrics.pointwise_global_reconstruction_error``
+    with its defaults.
+
     Parameters
     ----------
     X : array of shape (n_samples, D_x)
@@ -325,62 +398,55 @@ _PAIR_DOC = """
         Target features.
     train_idx, test_idx : int arrays, optional
         Row indices. Both ``None``: skmatter's seeded half/half split; one ``None``: the
-        complement of the other. (skmatter's aggregate functions take ``test_idx`` first when
-        passed positionally; pass them by keyword to be safe.)
+        complement of the other. (skmatter's aggregate and LFRE functions take ``test_idx``
+        before ``train_idx``; pass both by keyword when switching.)
     alphas : array of shape (n_alphas,), default ``geomspace(1e-9, 0.9, 20)``
-        Cutoffs tried by the 2-fold CV, relative to the largest singular value of the folds
-        unless ``alpha_type="absolute"``.
+        Singular-value cutoffs tried by the 2-fold CV, relative to the largest singular value
+        of the two folds unless ``alpha_type="absolute"``.
     random_state : int
         Seed of the 2-fold CV split (skmatter's ``0x5F3759DF``).
     device : str
-        ``"auto"`` (GPU when visible), ``"cpu"`` or ``"cuda"``. Computation is float64.
-"""
+        ``"auto"`` (a GPU when visible), ``"cpu"`` or ``"cuda"``; the arithmetic is float64.
 
-
-def pointwise_gfre(X, Y, train_idx=None, test_idx=None, *, alphas=None, alpha_type="relative",
-                   random_state=RANDOM_STATE, device="auto") -> np.ndarray:
-    """Global feature reconstruction error of each test sample (Goscinski et al. 2021, eq. 3).
-
-    ``||y_i - x_i W||`` with ``W`` the 2-fold-CV cutoff ridge fit of scaled ``Y`` on scaled ``X``;
-    equal to ``skmatter.metrics.pointwise_global_reconstruction_error`` with its defaults.
-    {doc}
     Returns
     -------
     ndarray of shape (n_test,)
     """
     alphas = _check_alphas(alphas, alpha_type)
     Xtr, Xte, Ytr, Yte = _prepare_pair(X, Y, train_idx, test_idx, device)
-    err = _global_errors(Xtr, Xte, Ytr, Yte, [Ytr.shape[1]], alphas=alphas, alpha_type=alpha_type,
-                         random_state=random_state)
+    err = _global_errors(Xtr, Xte, _Folds(Ytr, [Ytr.shape[1]], random_state), Yte, alphas=alphas,
+                         alpha_type=alpha_type)
     return err[0].cpu().numpy()
 
 
 def gfre(X, Y, train_idx=None, test_idx=None, **kwargs) -> float:
     """Global feature reconstruction error: RMS over test samples of :func:`pointwise_gfre`.
 
-    Equal to ``skmatter.metrics.global_reconstruction_error``. About 0 when ``X`` holds all the
-    (linear) information of ``Y``; about 1 when it holds none (Goscinski et al. 2021).
-    Keyword arguments as :func:`pointwise_gfre`.
+    Equal to ``skmatter.metrics.global_reconstruction_error``: about 0 when ``X`` holds all
+    the (linearly decodable) information of ``Y``, about 1 when it holds none. Arguments as
+    :func:`pointwise_gfre`.
     """
     return _rms(pointwise_gfre(X, Y, train_idx, test_idx, **kwargs))
 
 
 def pointwise_gfrd(X, Y, train_idx=None, test_idx=None, *, alphas=None, alpha_type="relative",
                    random_state=RANDOM_STATE, device="auto") -> np.ndarray:
-    """Global feature reconstruction distortion of each test sample (Goscinski et al. 2021, eq. 5).
+    """Global feature reconstruction distortion of each test sample (Goscinski et al. 2021).
 
     Distance between the ridge reconstruction of ``Y`` and its best orthogonal (Procrustes)
-    approximation from ``X``, as ``skmatter.metrics.pointwise_global_reconstruction_distortion``.
-    skmatter raises for ``D_x > D_y``; here both are zero-padded to ``max(D_x, D_y)``.
-    {doc}
+    reconstruction from ``X``; equal to
+    ``skmatter.metrics.pointwise_global_reconstruction_distortion``. skmatter raises for
+    ``D_x > D_y``; here both sides are zero-padded to ``max(D_x, D_y)``. Arguments as
+    :func:`pointwise_gfre`.
+
     Returns
     -------
     ndarray of shape (n_test,)
     """
     alphas = _check_alphas(alphas, alpha_type)
     Xtr, Xte, Ytr, Yte = _prepare_pair(X, Y, train_idx, test_idx, device)
-    err = _global_errors(Xtr, Xte, Ytr, Yte, [Ytr.shape[1]], alphas=alphas, alpha_type=alpha_type,
-                         random_state=random_state, distortion=True)
+    err = _global_errors(Xtr, Xte, _Folds(Ytr, [Ytr.shape[1]], random_state), Yte, alphas=alphas,
+                         alpha_type=alpha_type, distortion=True)
     return err[0].cpu().numpy()
 
 
@@ -388,7 +454,7 @@ def gfrd(X, Y, train_idx=None, test_idx=None, **kwargs) -> float:
     """Global feature reconstruction distortion: RMS of :func:`pointwise_gfrd`.
 
     Equal to ``skmatter.metrics.global_reconstruction_distortion``; about 0 when ``Y`` is an
-    orthogonal transform of ``X``. Keyword arguments as :func:`pointwise_gfrd`.
+    orthogonal transform of ``X``. Arguments as :func:`pointwise_gfre`.
     """
     return _rms(pointwise_gfrd(X, Y, train_idx, test_idx, **kwargs))
 
@@ -396,16 +462,18 @@ def gfrd(X, Y, train_idx=None, test_idx=None, **kwargs) -> float:
 def pointwise_lfre(X, Y, train_idx=None, test_idx=None, *, n_local_points=None, alphas=None,
                    alpha_type="relative", random_state=RANDOM_STATE, device="auto",
                    batch_size=None) -> np.ndarray:
-    """Local feature reconstruction error of each test sample (Goscinski et al. 2021, eq. 6).
+    """Local feature reconstruction error of each test sample (Goscinski et al. 2021).
 
-    For each test sample, the ``n_local_points`` nearest training samples in scaled ``X`` are
-    centred and a 2-fold-CV cutoff ridge fit maps them onto the same samples of ``Y``; the
-    error is that of the sample's reconstruction. Equal to
-    ``skmatter.metrics.pointwise_local_reconstruction_error``.
-    {doc}
+    For each test sample, its ``n_local_points`` nearest training samples in scaled ``X`` are
+    centred and fitted onto the same samples of ``Y`` by the 2-fold-CV cutoff ridge; the error
+    is that of the sample's reconstruction. Equal to
+    ``skmatter.metrics.pointwise_local_reconstruction_error``. Other arguments as
+    :func:`pointwise_gfre`.
+
+    Parameters
+    ----------
     n_local_points : int, optional
-        Neighbours per local fit. skmatter requires it; the default here is
-        ``min(D_x, D_y)``.
+        Neighbours per local fit; skmatter has no default, here ``min(D_x, D_y)``.
     batch_size : int, optional
         Test samples fitted together (default: from a ~256 MB budget).
 
@@ -415,10 +483,8 @@ def pointwise_lfre(X, Y, train_idx=None, test_idx=None, *, n_local_points=None, 
     """
     alphas = _check_alphas(alphas, alpha_type)
     Xtr, Xte, Ytr, Yte = _prepare_pair(X, Y, train_idx, test_idx, device)
-    k = n_local_points or min(Xtr.shape[1], Ytr.shape[1])
-    if k < 2:
-        raise ValueError("n_local_points must be at least 2")
-    err = _local_errors(Xtr, Xte, Ytr, Yte, [Ytr.shape[1]], [int(k)], alphas=alphas, alpha_type=alpha_type,
+    k = int(n_local_points or min(Xtr.shape[1], Ytr.shape[1]))
+    err = _local_errors(Xtr, Xte, Ytr, Yte, [Ytr.shape[1]], [k], alphas=alphas, alpha_type=alpha_type,
                         random_state=random_state, batch_size=batch_size)
     return err[0].cpu().numpy()
 
@@ -426,21 +492,16 @@ def pointwise_lfre(X, Y, train_idx=None, test_idx=None, *, n_local_points=None, 
 def lfre(X, Y, train_idx=None, test_idx=None, **kwargs) -> float:
     """Local feature reconstruction error: RMS of :func:`pointwise_lfre`.
 
-    Equal to ``skmatter.metrics.local_reconstruction_error``. Keyword arguments as
-    :func:`pointwise_lfre`.
+    Equal to ``skmatter.metrics.local_reconstruction_error``. Arguments as :func:`pointwise_lfre`.
     """
     return _rms(pointwise_lfre(X, Y, train_idx, test_idx, **kwargs))
 
 
-for _f in (pointwise_gfre, pointwise_gfrd, pointwise_lfre):
-    _f.__doc__ = _f.__doc__.replace("    {doc}", _PAIR_DOC.strip("\n"))
-
-
 def linear_cka(X, Y) -> float:
-    """Linear centred kernel alignment (Kornblith, Norouzi, Lee, Hinton, ICML 2019).
+    """Linear centred kernel alignment (Kornblith, Norouzi, Lee and Hinton, ICML 2019).
 
-    ``||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)`` with column-centred ``Xc``, ``Yc``.
-    Symmetric, in [0, 1], invariant to orthogonal transforms and isotropic scaling.
+    ``||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)`` with column-centred ``Xc``, ``Yc``:
+    symmetric, in [0, 1], invariant to orthogonal transforms and isotropic scaling.
 
     Parameters
     ----------
@@ -458,49 +519,49 @@ def linear_cka(X, Y) -> float:
 
 
 def _rbf_features(X_train, X_test, gamma, n_components: int, seed: int):
+    """Scaled RBF Nystroem features of train and test rows (float64)."""
     from sklearn.kernel_approximation import Nystroem
 
-    if gamma is None:  # median heuristic on a seeded subsample of training rows
-        rng = np.random.default_rng(seed)
-        sub = X_train[rng.choice(len(X_train), min(len(X_train), 1000), replace=False)]
-        d2 = ((sub[:, None, :] - sub[None, :, :]) ** 2).sum(-1)[np.triu_indices(len(sub), 1)]
+    if gamma is None:  # 1 / median squared distance between (up to 1000) training rows
+        sub = X_train[np.random.default_rng(seed).permutation(len(X_train))[:1000]]
+        sq = (sub ** 2).sum(1)
+        d2 = (sq[:, None] + sq[None, :] - 2 * sub @ sub.T)[np.triu_indices(len(sub), 1)]
         gamma = 1.0 / np.median(d2[d2 > 0]) if np.any(d2 > 0) else 1.0
     ny = Nystroem(kernel="rbf", gamma=gamma, n_components=min(n_components, len(X_train)), random_state=seed)
-    ny.fit(X_train)
-    return ny.transform(X_train), ny.transform(X_test)
+    F = ny.fit(X_train).transform(np.concatenate([X_train, X_test]))
+    n = len(X_train)
+    return _scale_split(F, np.arange(n), np.arange(n, len(F)), "kernel features")
 
 
 def nonlinear_gfre(X, Y, train_idx=None, test_idx=None, *, gamma=None, n_components=1000, seed=0,
                    alphas=None, alpha_type="relative", random_state=RANDOM_STATE, device="auto") -> float:
     """GFRE with kernel ridge regression (RBF kernel) in place of linear ridge.
 
-    ``X`` and ``Y`` are scaled as for :func:`gfre`; ``X`` is mapped to RBF Nystroem features
-    (exact kernel features when ``n_components >= n_train``, a seeded approximation otherwise),
-    which then reconstruct ``Y`` with the same cutoff ridge and 2-fold CV. A value well below
-    :func:`gfre` means the linear error came from non-linearity, not missing information.
+    Scaled ``X`` is mapped to RBF Nystroem features (exact kernel features when
+    ``n_components >= n_train``, a seeded approximation otherwise) that reconstruct scaled
+    ``Y`` with the same cutoff ridge and 2-fold CV as :func:`gfre`. A value well below
+    :func:`gfre` means the linear error comes from non-linearity, not missing information.
 
     Parameters
     ----------
     X : array of shape (n_samples, D_x)
     Y : array of shape (n_samples, D_y)
     gamma : float, optional
-        RBF width ``exp(-gamma ||x - x'||^2)`` on scaled ``X``; default 1 / median squared
-        distance between training rows.
+        RBF ``exp(-gamma ||x - x'||^2)`` on scaled ``X``; default 1 / median squared distance
+        between training rows.
     n_components : int
-        Nystroem landmarks (training rows drawn with ``seed``).
+        Nystroem landmarks, training rows drawn with ``seed``.
+    Other arguments as :func:`pointwise_gfre`.
     """
     alphas = _check_alphas(alphas, alpha_type)
     if len(X) != len(Y):
         raise ValueError(f"First dimension of X ({len(X)}) and Y ({len(Y)}) must match")
     train_idx, test_idx = _resolve_split(len(X), train_idx, test_idx)
-    Xtr, Xte = _scale_split(X, train_idx, test_idx, "X")
-    Ftr, Fte = _rbf_features(Xtr, Xte, gamma, n_components, seed)
-    n_tr = len(Ftr)
-    Ftr, Fte = _scale_split(np.concatenate([Ftr, Fte]), np.arange(n_tr), np.arange(n_tr, n_tr + len(Fte)), "kernel features")
-    Ytr, Yte = _scale_split(Y, train_idx, test_idx, "Y")
     dev = _device(device)
-    err = _global_errors(*(_tensor(a, dev) for a in (Ftr, Fte, Ytr, Yte)), [Ytr.shape[1]], alphas=alphas,
-                         alpha_type=alpha_type, random_state=random_state)
+    Ftr, Fte = _rbf_features(*_scale_split(X, train_idx, test_idx, "X"), gamma, n_components, seed)
+    Ytr, Yte = (_tensor(a, dev) for a in _scale_split(Y, train_idx, test_idx, "Y"))
+    err = _global_errors(_tensor(Ftr, dev), _tensor(Fte, dev), _Folds(Ytr, [Ytr.shape[1]], random_state), Yte,
+                         alphas=alphas, alpha_type=alpha_type)
     return _rms(err[0].cpu().numpy())
 
 
@@ -523,10 +584,11 @@ def _check_features(features) -> tuple[list, list, list]:
         fsets.append(f if isinstance(f, FeatureSet) else None)
     sizes = {k: len(a) for k, a in zip(names, arrays)}
     if len(set(sizes.values())) > 1:
-        raise ValueError(f"features are not aligned, n_atoms differ: {sizes}; extract every model on the same structures")
+        raise ValueError(f"features are not aligned, n_atoms differ: {sizes}; extract every model on the "
+                         "same structures")
     ref = next(((k, f) for k, f in zip(names, fsets) if f is not None), None)
     for key, f in zip(names, fsets):
-        if f is None or ref is None:
+        if f is None:
             continue
         if not np.array_equal(f.species, ref[1].species):
             i = int(np.flatnonzero(f.species != ref[1].species)[0])
@@ -556,7 +618,7 @@ def _labels(stratify, subsets, fsets, n: int):
 
 
 def split_indices(n: int, test_size=1000, stratify=None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded train/test split of ``n`` atoms, as used by :func:`reconstruction_matrix`.
+    """Seeded train/test split of ``n`` atoms, the one :func:`reconstruction_matrix` uses.
 
     Parameters
     ----------
@@ -571,45 +633,41 @@ def split_indices(n: int, test_size=1000, stratify=None, seed: int = 0) -> tuple
     """
     from sklearn.model_selection import train_test_split
 
-    labels = stratify
-
     n_test = int(round(test_size * n)) if isinstance(test_size, float) and test_size < 1 else int(test_size)
     if not 1 <= n_test <= n - 2:
         raise ValueError(f"test_size={test_size} leaves no room for a split of {n} atoms (need >= 2 training atoms)")
-    return train_test_split(np.arange(n), test_size=n_test, random_state=seed, shuffle=True, stratify=labels)
+    return train_test_split(np.arange(n), test_size=n_test, random_state=seed, shuffle=True, stratify=stratify)
 
 
 def _matrix_values(arrays, metrics, train_idx, test_idx, opts, dev) -> dict:
-    """``{(metric, source, target): value}`` for one split, sources and targets by position."""
-    import torch
-
-    scaled = [_scale_split(a, train_idx, test_idx, f"features[{i}]") for i, a in enumerate(arrays)]
-    train = torch.cat([_tensor(s[0], dev) for s in scaled], 1)
-    test = torch.cat([_tensor(s[1], dev) for s in scaled], 1)
+    """``{(metric, source, target): value}`` on one split; models by position."""
     widths = [a.shape[1] for a in arrays]
     off = _offsets(widths)
-    ridge = {k: opts[k] for k in ("alphas", "alpha_type", "random_state")}
+    train, test = np.empty((len(train_idx), off[-1])), np.empty((len(test_idx), off[-1]))
+    for i, a in enumerate(arrays):
+        train[:, off[i]:off[i + 1]], test[:, off[i]:off[i + 1]] = _scale_split(a, train_idx, test_idx,
+                                                                               f"features[{i}]")
+    scaled = [(train[:, lo:hi], test[:, lo:hi]) for lo, hi in zip(off[:-1], off[1:])]
+    train, test = _tensor(train, dev), _tensor(test, dev)
+    ridge = {k: opts[k] for k in ("alphas", "alpha_type")}
+    folds = _Folds(train, widths, opts["random_state"])
     out = {}
-    for s in range(len(arrays)):
-        Xtr, Xte = train[:, off[s]:off[s + 1]], test[:, off[s]:off[s + 1]]
-        for metric in metrics:
-            if metric in ("gfre", "gfrd"):
-                errs = _global_errors(Xtr, Xte, train, test, widths, distortion=metric == "gfrd", **ridge)
+    for metric in metrics:
+        for s in range(len(arrays)):
+            Xtr, Xte = train[:, off[s]:off[s + 1]], test[:, off[s]:off[s + 1]]
+            if metric == "cka":  # on the test atoms
+                errs = [linear_cka(scaled[s][1], scaled[t][1]) for t in range(len(arrays))]
+            elif metric in ("gfre", "gfrd"):
+                errs = _global_errors(Xtr, Xte, folds, test, distortion=metric == "gfrd", **ridge)
             elif metric == "lfre":
                 ks = [opts["n_local_points"] or min(widths[s], w) for w in widths]
-                errs = _local_errors(Xtr, Xte, train, test, widths, ks, batch_size=opts["batch_size"], **ridge)
-            elif metric == "nonlinear_gfre":
-                Ftr, Fte = _rbf_features(scaled[s][0], scaled[s][1], None, opts["n_components"], opts["seed"])
-                n_tr = len(Ftr)
-                Ftr, Fte = _scale_split(np.concatenate([Ftr, Fte]), np.arange(n_tr), np.arange(n_tr, n_tr + len(Fte)),
-                                        "kernel features")
-                errs = _global_errors(_tensor(Ftr, dev), _tensor(Fte, dev), train, test, widths, **ridge)
-            else:  # cka, on the test atoms
-                for t in range(len(arrays)):
-                    out[metric, s, t] = linear_cka(scaled[s][1], scaled[t][1])
-                continue
+                errs = _local_errors(Xtr, Xte, train, test, widths, ks, batch_size=opts["batch_size"],
+                                     random_state=opts["random_state"], **ridge)
+            else:
+                F = _rbf_features(*scaled[s], None, opts["n_components"], opts["seed"])
+                errs = _global_errors(_tensor(F[0], dev), _tensor(F[1], dev), folds, test, **ridge)
             for t, e in enumerate(errs):
-                out[metric, s, t] = _rms(e.cpu().numpy())
+                out[metric, s, t] = e if metric == "cka" else _rms(e.cpu().numpy())
     return out
 
 
@@ -622,38 +680,38 @@ def reconstruction_matrix(features, metric="gfre", test_size=1000, stratify=None
     Parameters
     ----------
     features : mapping model key -> FeatureSet or array of shape (n_atoms, D_model)
-        Per-atom features of the same atoms in the same order (``n_atoms``, and for
-        FeatureSets ``species`` and ``structure_ids``, must agree).
+        Per-atom features of the same atoms in the same order: ``n_atoms`` (and, between
+        FeatureSets, ``species`` and ``structure_ids``) must agree.
     metric : str or list of str
-        Any of ``"gfre"``, ``"gfrd"``, ``"lfre"``, ``"cka"`` (linear CKA on the test atoms),
-        ``"nonlinear_gfre"``.
+        Any of ``"gfre"``, ``"gfrd"``, ``"lfre"``, ``"cka"`` (linear CKA on the test atoms)
+        and ``"nonlinear_gfre"``.
     test_size : int or float
-        Test atoms, as a count or (float < 1) a fraction; the rest train.
+        Test atoms as a count, or as a fraction when a float below 1; the rest train.
     stratify : None, "subset" or array of shape (n_atoms,)
-        Stratify the split by these labels (``"subset"``: by ``subsets``).
+        Labels that stratify the split (``"subset"``: the ``subsets`` labels).
     seed : int
         Seed of the train/test split.
     n_boot : int
         If > 0, the matrix is recomputed on ``n_boot`` re-drawn splits (seeds ``seed + 1``,
-        ``seed + 2`` ...) and ``ci_low``/``ci_high`` are their 2.5 and 97.5 percentiles.
+        ``seed + 2``, ...) and ``ci_low``, ``ci_high`` are their 2.5 and 97.5 percentiles.
     device : str
         ``"auto"``, ``"cpu"`` or ``"cuda"``.
     subsets : array of shape (n_atoms,) or (n_structures,), optional
-        Per-atom (or, with FeatureSets, per-structure) labels used by ``stratify="subset"``.
+        Labels per atom (or, with FeatureSets, per structure) for ``stratify="subset"``.
     n_local_points : int, optional
-        LFRE neighbours; default ``min(D_source, D_target)`` per pair.
+        LFRE neighbours; default ``min(D_source, D_target)`` for each pair.
     alphas, alpha_type, random_state
-        Ridge2FoldCV settings, as :func:`pointwise_gfre`.
+        Ridge2FoldCV settings, as in :func:`pointwise_gfre`.
     n_components : int
         Nystroem landmarks of ``"nonlinear_gfre"``.
     batch_size : int, optional
-        LFRE test atoms per batch.
+        LFRE test atoms fitted together.
 
     Returns
     -------
     pandas.DataFrame
-        Columns ``source, target, metric, value, ci_low, ci_high``; ``source`` reconstructs
-        ``target``. ``attrs`` records the split sizes and settings.
+        Columns ``source, target, metric, value, ci_low, ci_high``: ``source`` reconstructs
+        ``target``. ``attrs`` holds the split sizes and settings.
     """
     import pandas as pd
 
