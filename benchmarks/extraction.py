@@ -17,6 +17,7 @@ in that environment (this script re-runs itself there).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -72,14 +73,15 @@ def main(argv=None) -> int:
     for key in keys:
         env = reg[key].environment
         if env == current_environment() or args.inner:
-            results.append(time_model(key, args.n, args.seed, args.device, args.layer))
+            with contextlib.redirect_stdout(sys.stderr):  # packages print status lines; stdout is the JSON
+                results.append(time_model(key, args.n, args.seed, args.device, args.layer))
         else:
             cmd = [str(environment_python(env)), __file__, "--inner", "--models", key, "--n", str(args.n),
                    "--seed", str(args.seed), "--device", args.device, "--layer", args.layer]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, UMLIP_LATENTS_ENV=env))
             if proc.returncode != 0:
                 raise SystemExit(f"{key}: benchmark failed in environment {env}:\n{proc.stderr[-2000:]}")
-            results.extend(json.loads(proc.stdout)["results"])
+            results.extend(json.loads(proc.stdout.strip().splitlines()[-1])["results"])
     print(json.dumps({"benchmark": "extraction", "baseline": "per-structure ASE calculator loop",
                       "results": results}, indent=None if args.inner else 2))
     return 0

@@ -63,6 +63,8 @@ class FeatureSet:
         Energy predicted by the model in the same forward pass (eV).
     readout : Readout, optional
         For ``layer="last"``: the model's readout weights.
+    subsets : list of str, optional
+        Subset label of each structure (from the dataset; filled by the store).
     """
 
     values: np.ndarray
@@ -73,6 +75,7 @@ class FeatureSet:
     structure_ids: list = field(default_factory=list)
     energy: np.ndarray | None = None
     readout: Readout | None = None
+    subsets: list | None = None
 
     def __post_init__(self):
         n = len(self.values)
@@ -102,9 +105,52 @@ class FeatureSet:
                 return self.values[:, b.start:b.stop]
         raise KeyError(f"no block {name!r}; blocks: {[b.name for b in self.blocks]}")
 
+    def atom_subsets(self) -> np.ndarray:
+        """Subset label of every atom (n_atoms,), from the per-structure ``subsets``."""
+        if self.subsets is None:
+            raise ValueError("this FeatureSet carries no subset labels")
+        return np.asarray(self.subsets, dtype=object)[self.structure_index]
+
+    def select(self, structure_ids: list) -> "FeatureSet":
+        """The atoms of the given structures, in the given order."""
+        pos = {sid: i for i, sid in enumerate(self.structure_ids)}
+        missing = [s for s in structure_ids if s not in pos]
+        if missing:
+            raise KeyError(f"structures not in this FeatureSet: {missing[:5]}")
+        order = np.array([pos[s] for s in structure_ids], dtype=np.int64)
+        starts = np.searchsorted(self.structure_index, np.arange(self.n_structures))
+        counts = np.bincount(self.structure_index, minlength=self.n_structures)
+        rows = np.concatenate([np.arange(starts[i], starts[i] + counts[i]) for i in order]) if len(order) else \
+            np.zeros(0, np.int64)
+        return FeatureSet(
+            values=np.asarray(self.values[rows]), structure_index=np.repeat(np.arange(len(order)), counts[order]),
+            species=self.species[rows], blocks=self.blocks, meta=self.meta, structure_ids=list(structure_ids),
+            energy=None if self.energy is None else self.energy[order], readout=self.readout,
+            subsets=None if self.subsets is None else [self.subsets[i] for i in order],
+        )
+
     def reread_energy(self) -> np.ndarray:
         """Structure energies recomputed from the features with the model's readout weights."""
         if self.readout is None:
             raise ValueError("this FeatureSet has no readout (only layer='last' carries one)")
         per_atom = self.readout.atom_energies(self.values, self.species)
         return np.bincount(self.structure_index, weights=per_atom, minlength=self.n_structures)
+
+
+def align(features: dict) -> dict:
+    """Restrict every FeatureSet to the structures all of them hold, in one common order.
+
+    Models that skipped structures (``on_unsupported="skip"``) then still compare atom by
+    atom. Raises if the species of a shared structure differ between models.
+    """
+    keys = list(features)
+    common = set(features[keys[0]].structure_ids)
+    for k in keys[1:]:
+        common &= set(features[k].structure_ids)
+    order = [s for s in features[keys[0]].structure_ids if s in common]
+    out = {k: (fs if fs.structure_ids == order else fs.select(order)) for k, fs in features.items()}
+    ref = out[keys[0]].species
+    for k in keys[1:]:
+        if not np.array_equal(out[k].species, ref):
+            raise ValueError(f"{k} and {keys[0]} disagree on the species of shared structures")
+    return out

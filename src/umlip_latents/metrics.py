@@ -26,6 +26,8 @@ non-linearity.
 
 from __future__ import annotations
 
+import contextlib
+
 from collections.abc import Mapping
 
 import numpy as np
@@ -339,9 +341,40 @@ def _neighbour_order(X_train, X_test, k: int):
     return torch.cat(parts)
 
 
+@contextlib.contextmanager
+def _one_cpu_thread(device):
+    """Run many small CPU factorisations on one thread (restored afterwards).
+
+    LFRE's local fits are thousands of tiny (k x D) problems: on CPU, BLAS and torch
+    threads only add synchronisation, and on a loaded machine they made the fits 10-20x
+    slower. GPU runs are left alone.
+    """
+    import torch
+
+    if getattr(device, "type", str(device)) != "cpu":
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1):
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _local_errors(X_train, X_test, Y_train, Y_test, widths, ks, *, alphas, alpha_type, random_state,
                   batch_size=None) -> list:
     """Pointwise LFRE of every target (target ``t`` with ``ks[t]`` neighbours): list of (n_test,)."""
+    with _one_cpu_thread(X_train.device):
+        return _local_errors_impl(X_train, X_test, Y_train, Y_test, widths, ks, alphas=alphas,
+                                  alpha_type=alpha_type, random_state=random_state, batch_size=batch_size)
+
+
+def _local_errors_impl(X_train, X_test, Y_train, Y_test, widths, ks, *, alphas, alpha_type, random_state,
+                       batch_size=None) -> list:
     import torch
 
     if min(ks) < 2:
@@ -606,7 +639,10 @@ def _labels(stratify, subsets, fsets, n: int):
         if stratify != "subset":
             raise ValueError(f"stratify must be None, 'subset' or a per-atom label array, got {stratify!r}")
         if subsets is None:
-            raise ValueError("stratify='subset' needs subsets=: labels per atom (n_atoms,) or per structure")
+            fs = next((f for f in fsets if f is not None and f.subsets is not None), None)
+            if fs is None:
+                raise ValueError("stratify='subset' needs subsets=: labels per atom (n_atoms,) or per structure")
+            subsets = fs.atom_subsets()
         stratify = subsets
     labels = np.asarray(stratify)
     fs = next((f for f in fsets if f is not None), None)

@@ -168,6 +168,7 @@ def read_entry(folder: str | os.PathLike, mmap: bool = True) -> FeatureSet:
         structure_ids=table["structure_id"].tolist(),
         energy=table["model_energy"].to_numpy(np.float64),
         readout=readout,
+        subsets=table["subset"].tolist(),
     )
 
 
@@ -253,3 +254,19 @@ def get_features(dataset: str, model: str | ModelSpec, layer: str = "last", *, s
     shutil.rmtree(old, ignore_errors=True)
     shutil.rmtree(staging, ignore_errors=True)
     return read_entry(folder)
+
+
+def panel_features(dataset: str, models: list, layer: str = "last", *, limit: int | None = None, seed: int = 0,
+                   device: str = "auto", on_unsupported: str = "skip", store=None, progress=None) -> dict:
+    """Aligned features of several models on one dataset selection, from the store.
+
+    Structures a model cannot featurise are skipped for it (``on_unsupported="skip"``) and
+    then dropped for all models by :func:`umlip_latents.features.align`, so every returned
+    FeatureSet holds the same atoms in the same order.
+    """
+    from .features import align
+
+    structures = load_dataset(dataset, limit=limit, seed=seed)
+    out = {m: get_features(dataset, m, layer, structures=structures, limit=limit, seed=seed, device=device,
+                           on_unsupported=on_unsupported, store=store, progress=progress) for m in models}
+    return align(out)
