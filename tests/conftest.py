@@ -39,6 +39,8 @@ def crystals():
         bulk("NaCl", "rocksalt", a=5.64),
         bulk("Cu", "fcc", a=3.6).repeat((2, 1, 1)),
         bulk("MgO", "rocksalt", a=4.21).repeat((1, 1, 2)),
+        # no neighbours within 3 A: CHGNet builds no angles for it (batching regression)
+        bulk("Na", "bcc", a=4.23, cubic=True),
     ]):
         atoms.rattle(stdev=0.05, seed=i)
         atoms.info["structure_id"] = f"test-{i}-{atoms.get_chemical_formula()}"

@@ -176,9 +176,7 @@ class ChgnetAdapter(Adapter):
         return f"CHGNet.mlp input: {norm}"
 
     def forward(self, structures: list, layer: str) -> tuple[np.ndarray, list[Block], np.ndarray]:
-        """One batched ``CHGNet.forward(graphs, task="e")`` with a hook on the requested layer."""
-        import torch
-
+        """Batched ``CHGNet.forward(graphs, task="e")`` with a hook on the requested layer."""
         if layer not in ("last", "backbone"):
             raise ValueError(f"layer must be 'last' or 'backbone', not {layer!r}")
         model = self.model
@@ -188,26 +186,46 @@ class ChgnetAdapter(Adapter):
             .to(self.device)
             for i, atoms in enumerate(structures)
         ]
+        # CHGNet skips its bond/angle layers when a *batch* holds no angle at all, so a structure
+        # without angles (empty bond graph) gets other features in a batch with angles than alone
+        # (its own calculator's result). Such structures run in a pass of their own.
+        no_angles = [i for i, g in enumerate(graphs) if len(g.bond_graph) == 0]
+        groups = [g for g in (no_angles, [i for i in range(len(graphs)) if i not in set(no_angles)]) if g]
+        n_atoms = np.array([len(a) for a in structures], dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(n_atoms)])
+        energy = np.zeros(len(structures))
+        values = None
+        target = self._final_linear() if layer == "last" else model.mlp
+        for group in groups:
+            x, e = self._pass(model, [graphs[i] for i in group], target)
+            if values is None:
+                values = np.zeros((int(n_atoms.sum()), x.shape[1]), dtype=x.dtype)
+            rows = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in group])
+            if x.shape[0] != len(rows):
+                raise RuntimeError(f"hook captured {x.shape[0]} rows for {len(rows)} atoms")
+            values[rows] = x
+            counts = n_atoms[group].astype(np.float64)
+            energy[group] = e * counts if model.is_intensive else e
+        blocks = [Block(layer, 0, values.shape[1], self._sources(layer))]
+        return values, blocks, energy
+
+    @staticmethod
+    def _pass(model, graphs, target):
+        """One energy-only ``CHGNet.forward`` with a pre-hook on ``target``: (inputs, energies)."""
+        import torch
+
         captured = {}
 
         def grab(_module, args):
             captured["x"] = args[0].detach()
 
-        target = self._final_linear() if layer == "last" else model.mlp
         handle = target.register_forward_pre_hook(grab)
         try:
             with torch.no_grad():
                 pred = model(graphs, task="e")
         finally:
             handle.remove()
-        n_atoms = torch.tensor([len(a) for a in structures], dtype=torch.float64)
-        e = pred["e"].detach().double().cpu()
-        energy = (e * n_atoms if model.is_intensive else e).numpy()
-        values = captured["x"].cpu().numpy()
-        if values.shape[0] != int(n_atoms.sum()):
-            raise RuntimeError(f"hook captured {values.shape[0]} rows for {int(n_atoms.sum())} atoms")
-        blocks = [Block(layer, 0, values.shape[1], self._sources(layer))]
-        return values, blocks, energy
+        return captured["x"].cpu().numpy(), pred["e"].detach().double().cpu().numpy().reshape(-1)
 
     def readout(self) -> Readout:
         """``weight[Z] = W``, ``bias[Z] = b + AtomRef[Z]`` of the final Linear and composition model.
