@@ -2,6 +2,8 @@
 # make run    – main job: fetch data and extract the offline model panel on the default set, then run
 #               notebooks/01-extraction.ipynb with papermill into runs/
 # make test   – set up, then run the test suite and the notebook regression (nbval)
+# make book   – set up, fetch data, run every notebook with papermill ($(PARAMS)) into $(BOOK_NOTEBOOKS),
+#               generate the book's pages and build the site into _build/html (warnings are errors)
 PYTHON ?= python3.11
 VENV   := .venv
 ENVS   ?= .envs
@@ -10,7 +12,7 @@ PARAMS ?= params/default.yml
 PANEL  := chgnet-0.3.0 chgnet-0.2.0 chgnet-r2scan diep sevennet-0 sevennet-0-22may2024 sevennet-l3i5 sevennet-mf-0
 PY := $(VENV)/bin/python
 
-.PHONY: setup run extract notebooks smoke-notebooks test benchmark clean-envs
+.PHONY: setup run extract notebooks smoke-notebooks test benchmark clean-envs book book-notebooks book-js book-html
 
 setup: $(VENV)/.stamp $(foreach e,$(FAMILY_ENVS),$(ENVS)/$(e)/.stamp)
 
@@ -52,3 +54,30 @@ benchmark: setup
 
 clean-envs:
 	rm -rf $(VENV) $(ENVS)
+
+# ---- the book (jupyter-book v1; see book/reproduce.md). Everything written here is git-ignored.
+# executed notebooks the book shows; `make book-html BOOK_NOTEBOOKS=notebooks` uses the committed smoke runs
+BOOK_NOTEBOOKS ?= book/_generated/executed
+# MathJax and pako (chemiscope's gzip reader) from npm, copied into the site: no CDN at view time
+BOOK_JS := .cache/book-js
+BOOK_JS_PACKAGES := mathjax@3.2.2 pako@2.0.4
+BOOK_JS_STAMP := $(BOOK_JS)/.stamp-$(shell echo $(BOOK_JS_PACKAGES) | tr ' @' '+-')
+
+book: setup
+	$(MAKE) --no-print-directory book-notebooks
+	$(MAKE) --no-print-directory book-html
+
+book-notebooks: setup
+	$(VENV)/bin/umlip-latents datasets fetch
+	$(VENV)/bin/umlip-latents notebooks $(NOTEBOOKS) --params $(PARAMS) --out $(BOOK_NOTEBOOKS)
+
+book-js: $(BOOK_JS_STAMP)
+
+$(BOOK_JS_STAMP):
+	npm install --prefix $(BOOK_JS) --no-save --no-package-lock --no-audit --no-fund $(BOOK_JS_PACKAGES)
+	rm -f $(BOOK_JS)/.stamp-*
+	touch $@
+
+book-html: setup book-js
+	$(PY) -m umlip_latents.book --notebooks $(BOOK_NOTEBOOKS) --node-modules $(BOOK_JS)/node_modules
+	$(VENV)/bin/jupyter-book build . -W --keep-going

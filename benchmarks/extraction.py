@@ -28,6 +28,7 @@ import numpy as np
 
 
 def time_model(key: str, n: int, seed: int, device: str, layer: str) -> dict:
+    from umlip_latents.checks import calculator_energies
     from umlip_latents.datasets import load_dataset
     from umlip_latents.extract import load_adapter
     from umlip_latents.extract.base import run_adapter
@@ -40,17 +41,13 @@ def time_model(key: str, n: int, seed: int, device: str, layer: str) -> dict:
     batched = time.perf_counter() - t0
     calc = adapter.calculator()
     t0 = time.perf_counter()
-    loop_energy = []
-    for atoms in structures:
-        a = atoms.copy()
-        a.calc = calc
-        loop_energy.append(a.get_potential_energy())
+    loop_energy = calculator_energies(calc, structures)
     loop = time.perf_counter() - t0
     n_atoms = np.array([len(a) for a in structures])
     return {
         "model": key, "structures": len(structures), "atoms": int(n_atoms.sum()), "layer": layer,
         "device": adapter.device, "batched_s": batched, "ase_loop_s": loop, "speedup": loop / batched,
-        "max_energy_diff_eV_per_atom": float(np.max(np.abs(fs.energy - np.array(loop_energy)) / n_atoms)),
+        "max_energy_diff_eV_per_atom": float(np.max(np.abs(fs.energy - loop_energy) / n_atoms)),
     }
 
 

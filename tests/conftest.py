@@ -7,7 +7,6 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from umlip_latents import paths
@@ -81,11 +80,3 @@ def trained_mace() -> ModelSpec:
         functional="PBE/PBE+U", layers={"last": "readout inputs", "backbone": "get_descriptors"},
         description="small MACE trained here for tests; not a foundation model",
     )
-
-
-def random_rotation(seed: int) -> np.ndarray:
-    q, r = np.linalg.qr(np.random.default_rng(seed).normal(size=(3, 3)))
-    q = q @ np.diag(np.sign(np.diag(r)))
-    if np.linalg.det(q) < 0:
-        q[:, 0] *= -1
-    return q

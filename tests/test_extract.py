@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import offline_panel, random_rotation
+from conftest import offline_panel
 
+from umlip_latents.checks import random_rotation
 from umlip_latents.errors import UnsupportedElement
 from umlip_latents.extract import extract_features
 from umlip_latents.registry import get_spec

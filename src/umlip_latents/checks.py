@@ -58,3 +58,13 @@ def reread_error(fs: FeatureSet) -> float:
     """Largest |energy re-read from features - model energy| per atom (eV/atom)."""
     n = np.bincount(fs.structure_index, minlength=fs.n_structures)
     return float(np.max(np.abs(fs.reread_energy() - fs.energy) / n))
+
+
+def calculator_energies(calculator, structures: list) -> np.ndarray:
+    """Total energies (eV) from an ASE calculator, one structure at a time (copies are used)."""
+    out = []
+    for atoms in structures:
+        a = atoms.copy()
+        a.calc = calculator
+        out.append(a.get_potential_energy())
+    return np.array(out)

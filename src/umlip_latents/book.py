@@ -1,0 +1,481 @@
+"""The jupyter-book site: generated pages and a small Sphinx extension.
+
+Everything the book shows that comes from data is generated here into ``book/_generated/``
+(ignored by git), so no page is edited by hand to follow the registries or a run:
+
+- ``models.md`` — the model registry (``models/*.yml``) with availability on the building machine;
+- ``datasets.md`` — the dataset registry (``data/datasets.yml``);
+- ``benchmarks.md`` — every ``benchmarks/results/*.json``;
+- ``results/NN-slug.ipynb`` — one chapter per executed notebook: the papermill output with a
+  note naming the notebook and its parameters, the narrative of ``book/results-NN-slug.md``
+  and, where the notebook wrote a chemiscope file into ``book/_generated``, the interactive map;
+- ``_static/`` — local copies of MathJax and pako, so the site loads no script from a CDN.
+
+The ``*_markdown`` functions and :func:`chapter_notebook` are pure (they return strings or a
+new notebook); :func:`write_generated` writes the files. As a Sphinx extension (listed in
+``_config.yml``) this module makes chemiscope's widget load pako from ``_static`` and fails
+the build (a warning, an error under ``-W``) when a page loads a script over http(s).
+
+Run ``python -m umlip_latents.book --notebooks DIR`` to write the generated pages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import re
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+
+from . import paths
+
+#: Executed notebooks become chapters under this folder of ``book/_generated``.
+RESULTS_DIR = "results"
+#: Files of the ``mathjax`` npm package (``es5/``) the site needs: the TeX-to-CHTML bundle,
+#: its fonts, autoloaded TeX extensions, the menu and accessibility parts it loads lazily.
+MATHJAX_PARTS = ("tex-chtml.js", "input/tex/extensions", "output/chtml/fonts/woff-v2", "ui", "a11y", "sre")
+#: The pako build chemiscope's Sphinx widget uses to read ``.json.gz`` datasets.
+PAKO_FILE = "pako/dist/pako.min.js"
+_PAKO_CDN = re.compile(r'src="https?://[^"]*/pako(?:\.min)?\.js"')
+_REMOTE_SCRIPT = re.compile(r'<script[^>]*\bsrc="((?:https?:)?//[^"]+)"', re.IGNORECASE)
+_CHEMISCOPE_FILE = re.compile(r"chemiscope-[\w.-]+?\.json(?:\.gz)?")
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown helpers
+# ---------------------------------------------------------------------------------------------
+
+def cell(value) -> str:
+    """One value as the text of a Markdown table cell (pipes, dollars and newlines escaped)."""
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}" if math.isfinite(value) else str(value)
+    if isinstance(value, (list, tuple)):
+        return ", ".join(cell(v) for v in value)
+    text = " ".join(str(value).split())
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("$", "\\$").replace("<", "&lt;")
+
+
+def code(value) -> str:
+    """``value`` as an inline code span (safe in a table cell)."""
+    text = str(value).replace("|", "\\|")
+    return f"``{text}``" if "`" in text else f"`{text}`"
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    """A pipe table; cells must already be Markdown (see :func:`cell`)."""
+    if not rows:
+        raise ValueError("a table needs at least one row")
+    if any(len(r) != len(header) for r in rows):
+        raise ValueError("every row needs one cell per column")
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# registries
+# ---------------------------------------------------------------------------------------------
+
+def source_text(source: Mapping) -> str:
+    """Where a model's weights come from, in one short line of Markdown."""
+    kind = source["kind"]
+    if kind == "wheel":
+        return f"wheel: {cell(source['package'])} {code(source['name'])}"
+    if kind == "loader":
+        return f"loader: {cell(source['package'])} {code(source['name'])}, file {code(source['filename'])}"
+    return f"local: {code(source['path'])}"
+
+
+def models_markdown(specs: Mapping, availability: Mapping[str, tuple[bool, str]] | None = None) -> str:
+    """The model table: one row per registered model.
+
+    Parameters
+    ----------
+    specs : mapping of key to :class:`umlip_latents.registry.ModelSpec`
+        As returned by :func:`umlip_latents.registry.load_registry`.
+    availability : mapping of key to ``(available, reason)``, optional
+        As in ``umlip_latents.cli.models_table`` (``available``, ``why``). Models missing
+        from it (or all, when it is ``None``) are marked "not checked".
+    """
+    availability = availability or {}
+    header = ["key", "family", "environment", "source", "training data", "functional", "available"]
+    rows = []
+    for key in sorted(specs):
+        spec = specs[key]
+        if key in availability:
+            ok, why = availability[key]
+            avail = f"{'yes' if ok else 'no'}: {cell(why)}" if why else ("yes" if ok else "no")
+        else:
+            avail = "not checked"
+        rows.append([code(key), cell(spec.family), cell(spec.environment), source_text(spec.source),
+                     cell(spec.training_data), cell(spec.functional), avail])
+    return md_table(header, rows)
+
+
+def datasets_markdown(registry: Mapping) -> str:
+    """Tables of the datasets and collections of ``data/datasets.yml`` (as parsed)."""
+    archives = registry.get("archives", {})
+    rows = []
+    for name in sorted(registry["datasets"]):
+        d = registry["datasets"][name]
+        if "archive" in d:
+            arch = archives.get(d["archive"], {})
+            origin = f"{code(d['member'])} in {code(arch.get('filename', d['archive']))}"
+            if arch.get("kind") == "pypi-sdist":
+                origin += f" (PyPI {cell(arch['package'])}=={cell(arch['version'])})"
+        elif "path" in d:
+            origin = code(d["path"])
+        else:
+            origin = code(d.get("source", "?"))
+        sha = code(d["sha256"][:12] + "…") if d.get("sha256") else "–"
+        rows.append([code(name), cell(d.get("description", "")), origin, cell(d.get("functional")), sha])
+    out = md_table(["name", "description", "file", "functional", "sha256"], rows)
+    coll = registry.get("collections") or {}
+    if coll:
+        crow = [[code(n), ", ".join(code(m) for m in c["members"]), cell(bool(c.get("drop_single_atom", False)))]
+                for n, c in sorted(coll.items())]
+        out += "\nCollections (a collection's limit is split evenly between its members):\n\n"
+        out += md_table(["collection", "members", "drops single atoms"], crow)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmarks
+# ---------------------------------------------------------------------------------------------
+
+def _scalar(v) -> bool:
+    """A value one table cell can show: a number, string, bool, None or a flat list of them."""
+    flat = (str, int, float, bool, type(None))
+    return isinstance(v, flat) or (isinstance(v, (list, tuple)) and all(isinstance(x, flat) for x in v))
+
+
+def _records(v) -> bool:
+    """A non-empty list of flat mappings, or a mapping of flat mappings (rows of one table)."""
+    rows = v.values() if isinstance(v, Mapping) else v if isinstance(v, list) else None
+    return bool(rows) and all(isinstance(r, Mapping) and all(_scalar(x) for x in r.values()) for r in rows)
+
+
+def _records_table(records, index: str | None = None) -> str:
+    """A list of mappings (rows) or a mapping of mappings (rows, with their keys in column ``index``)."""
+    keyed = isinstance(records, Mapping)
+    rows = list(records.values()) if keyed else list(records)
+    cols = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    header = ([cell(index)] if keyed else []) + [cell(c) for c in cols]
+    body = [([code(k)] if keyed else []) + [cell(r.get(c)) for c in cols]
+            for k, r in zip(records if keyed else [None] * len(rows), rows)]
+    return md_table(header, body)
+
+
+def benchmark_markdown(name: str, report: Mapping) -> str:
+    """One benchmark report (the JSON a ``benchmarks/*.py`` script prints) as Markdown.
+
+    Under a ``## name`` heading: top-level scalars, and small mappings of scalars (such as
+    versions), go into one settings table; a list of records or a mapping of records becomes
+    a table; a larger mapping of scalars a two-column table; anything deeper a JSON block.
+    """
+    settings, parts = [], []
+    for key, value in report.items():
+        if _scalar(value):
+            settings.append([cell(key), cell(value)])
+        elif isinstance(value, Mapping) and all(_scalar(v) for v in value.values()):
+            if len(value) <= 4 and not any(isinstance(v, (list, tuple)) for v in value.values()):
+                settings.append([cell(key), cell(", ".join(f"{k}={v}" for k, v in value.items()))])
+            else:
+                rows = [[cell(k), cell(v)] for k, v in value.items()]
+                parts.append(f"**{cell(key)}**\n\n" + md_table(["quantity", "value"], rows))
+        elif _records(value):
+            parts.append(f"**{cell(key)}**\n\n" + _records_table(value, index=str(key)))
+        else:
+            parts.append(f"**{cell(key)}**\n\n```json\n{json.dumps(value, indent=2)}\n```\n")
+    out = [f"## {cell(name)}\n"]
+    if settings:
+        out.append(md_table(["setting", "value"], settings))
+    return "\n".join(out + parts)
+
+
+def benchmarks_markdown(reports: Mapping[str, Mapping]) -> str:
+    """All benchmark reports, by name, or a note on how to make them when there are none."""
+    if not reports:
+        return ("No benchmark results here: `make benchmark` writes them to `benchmarks/results/`, "
+                "then `make book` shows them on this page.\n")
+    return "\n".join(benchmark_markdown(name, reports[name]) for name in sorted(reports))
+
+
+def read_benchmarks(folder: str | Path) -> dict[str, dict]:
+    """The ``*.json`` reports of a folder by file stem (none if it does not exist)."""
+    folder = Path(folder)
+    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))} if folder.is_dir() else {}
+
+
+# ---------------------------------------------------------------------------------------------
+# results chapters
+# ---------------------------------------------------------------------------------------------
+
+def params_file_for(parameters: Mapping, params_dir: str | Path) -> Path | None:
+    """The ``params/*.yml`` file whose values are exactly ``parameters``, if one is."""
+    import yaml
+
+    for path in sorted(Path(params_dir).glob("*.yml")):
+        if (yaml.safe_load(path.read_text()) or {}) == dict(parameters):
+            return path
+    return None
+
+
+def provenance_note(notebook: str, parameters: Mapping, params_file: str | None, end_time: str | None) -> str:
+    """The note opening a results chapter: which notebook and which parameters made it."""
+    values = ", ".join(f"`{k}={v!r}`" for k, v in parameters.items()) or "its defaults"
+    made = (f"the parameters of `{params_file}` ({values})" if params_file
+            else f"the parameters {values} (no file of `params/` holds exactly these)")
+    when = f", run finished {end_time[:16].replace('T', ' ')} UTC" if end_time else ""
+    return (":::{admonition} How this chapter was made\n:class: note\n"
+            f"This page is `{notebook}` executed by papermill with {made}{when}. "
+            "The book shows the executed notebook and does not run it again: "
+            "`make book PARAMS=params/<set>.yml` reruns it.\n:::\n")
+
+
+def chemiscope_markdown(relative_path: str) -> str:
+    """A MyST block embedding a chemiscope dataset (path relative to the page's folder)."""
+    return ("Interactive version of the map (chemiscope; hover a point to see its structure):\n\n"
+            f"```{{chemiscope}} {relative_path}\n:mode: default\n```\n")
+
+
+def chemiscope_files(nb) -> list[tuple[int, str]]:
+    """``(cell index, file name)`` of each chemiscope file a notebook's code cells print or name.
+
+    The index is that of the first cell whose outputs name the file (else whose source does).
+    """
+    found: dict[str, int] = {}
+    for pass_outputs in (True, False):
+        for i, c in enumerate(nb.cells):
+            if c.cell_type != "code":
+                continue
+            if pass_outputs:
+                text = " ".join(o.get("text", "") if isinstance(o.get("text", ""), str) else ""
+                                for o in c.get("outputs", []))
+            else:
+                text = c.source
+            for name in _CHEMISCOPE_FILE.findall(text):
+                found.setdefault(name, i)
+    return sorted(((i, n) for n, i in found.items()))
+
+
+def chapter_notebook(nb, narrative: str, notebook: str, params_file: str | None = None,
+                     chemiscope: Mapping[str, str] | None = None):
+    """A results chapter: a copy of an executed notebook with the book's additions.
+
+    Parameters
+    ----------
+    nb : nbformat.NotebookNode
+        The notebook as papermill wrote it (parameters in ``metadata.papermill``).
+    narrative : str
+        Markdown shown after the notebook's first cell (its title and overview).
+    notebook : str
+        The source notebook's path, as the note names it.
+    params_file : str, optional
+        The ``params/*.yml`` file the parameters came from.
+    chemiscope : mapping of file name to path relative to the chapter, optional
+        Chemiscope datasets to embed after the cell that wrote each (see :func:`chemiscope_files`).
+
+    Returns a new notebook: the parameters cell with the notebook's defaults is removed from
+    the page (papermill's injected cell shows what ran), the note and the narrative follow the
+    first cell, the chemiscope maps follow their cells.
+    """
+    import nbformat
+
+    nb = copy.deepcopy(nb)
+    meta = nb.metadata.get("papermill", {})
+    for c in nb.cells:
+        tags = c.get("metadata", {}).get("tags", [])
+        if "parameters" in tags and "remove-cell" not in tags:
+            c.metadata["tags"] = [*tags, "remove-cell"]
+    inserts = []
+    for index, name in chemiscope_files(nb):
+        if chemiscope and name in chemiscope:
+            inserts.append((index + 1, chemiscope_markdown(chemiscope[name])))
+    text = provenance_note(notebook, meta.get("parameters", {}), params_file, meta.get("end_time"))
+    inserts.append((1, text + ("\n" + narrative.strip() + "\n" if narrative.strip() else "")))
+    for n, (index, source) in enumerate(sorted(inserts, key=lambda t: t[0], reverse=True)):
+        new = nbformat.v4.new_markdown_cell(source)
+        if nb.nbformat_minor >= 5:
+            new["id"] = f"book-{n}"      # stable ids: a rebuild writes the same chapter
+        else:
+            new.pop("id", None)
+        nb.cells.insert(index, new)
+    return nb
+
+
+def narrative_path(book_dir: str | Path, notebook: str | Path) -> Path:
+    """``book/results-<notebook stem>.md``: the hand-written narrative of a chapter."""
+    return Path(book_dir) / f"results-{Path(notebook).stem}.md"
+
+
+# ---------------------------------------------------------------------------------------------
+# static files and the writer
+# ---------------------------------------------------------------------------------------------
+
+def stage_static(node_modules: str | Path, dest: str | Path) -> list[Path]:
+    """Copy MathJax (the parts in :data:`MATHJAX_PARTS`) and pako into ``dest``.
+
+    ``node_modules`` is where ``npm install mathjax@3 pako@2`` put them. Returns the copied
+    top-level paths; raises ``FileNotFoundError`` naming what is missing.
+    """
+    node_modules, dest = Path(node_modules), Path(dest)
+    sources = [(node_modules / "mathjax" / "es5" / p, dest / "mathjax" / p) for p in MATHJAX_PARTS]
+    sources.append((node_modules / PAKO_FILE, dest / "pako.min.js"))
+    missing = [str(s) for s, _ in sources if not s.exists()]
+    if missing:
+        raise FileNotFoundError(f"missing {', '.join(missing)}: run `make book-js` (npm install mathjax pako)")
+    if dest.exists():
+        shutil.rmtree(dest)
+    for src, out in sources:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, out)
+    out = [o for _, o in sources]
+    try:        # chemiscope copies its HTML template into _static too: ship one without the CDN
+        from chemiscope.sphinx import _nodes
+    except ImportError:
+        return out
+    template = Path(_nodes.__file__).parent / "static" / "chemiscope-sphinx.html"
+    (dest / template.name).write_text(local_pako(template.read_text(), "{{static_path}}"))
+    return [*out, dest / template.name]
+
+
+def write_generated(notebooks_dir: str | Path, book_dir: str | Path | None = None,
+                    node_modules: str | Path | None = None, check_availability: bool = True) -> list[Path]:
+    """Write every generated part of the book into ``<book_dir>/_generated``; return the files.
+
+    Parameters
+    ----------
+    notebooks_dir : path
+        Folder of executed notebooks (``NN-*.ipynb``), e.g. what ``umlip-latents notebooks
+        --out DIR`` wrote, or ``notebooks/`` for the committed smoke runs.
+    book_dir : path, optional
+        The ``book/`` folder (default: the project's).
+    node_modules : path, optional
+        Where npm installed mathjax and pako; without it ``_static`` is left as it is.
+    check_availability : bool
+        Load each model's adapter to report availability (takes seconds; else "not checked").
+    """
+    import nbformat
+
+    from .datasets import registry as dataset_registry
+    from .registry import load_registry
+
+    root = paths.project_root()
+    book_dir = Path(book_dir) if book_dir else root / "book"
+    gen = book_dir / "_generated"
+    gen.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    availability = None
+    if check_availability:
+        from .cli import models_table
+
+        availability = {r["key"]: (r["available"], r["why"]) for r in models_table()}
+    pages = {"models.md": models_markdown(load_registry(), availability),
+             "datasets.md": datasets_markdown(dataset_registry()),
+             "benchmarks.md": benchmarks_markdown(read_benchmarks(root / "benchmarks" / "results"))}
+    for name, text in pages.items():
+        (gen / name).write_text(text)
+        written.append(gen / name)
+
+    results = gen / RESULTS_DIR
+    if results.exists():
+        shutil.rmtree(results)
+    results.mkdir()
+    executed = sorted(Path(notebooks_dir).glob("[0-9][0-9]-*.ipynb"))
+    if not executed:
+        raise FileNotFoundError(f"no executed notebooks (NN-*.ipynb) in {notebooks_dir}")
+    for path in executed:
+        nb = nbformat.read(path, as_version=4)
+        meta = nb.metadata.get("papermill")
+        if not meta:
+            raise ValueError(f"{path} was not executed by papermill (no metadata.papermill)")
+        pfile = params_file_for(meta.get("parameters", {}), root / "params")
+        narrative = narrative_path(book_dir, path)
+        maps = {name: f"../{name}" for _, name in chemiscope_files(nb) if (gen / name).is_file()}
+        chapter = chapter_notebook(nb, narrative.read_text() if narrative.is_file() else "",
+                                   f"notebooks/{path.name}",
+                                   str(pfile.relative_to(root)) if pfile else None, maps)
+        nbformat.write(chapter, results / path.name)
+        written.append(results / path.name)
+
+    if node_modules:
+        stage_static(node_modules, gen / "_static")
+        written.append(gen / "_static")
+    return written
+
+
+# ---------------------------------------------------------------------------------------------
+# Sphinx extension
+# ---------------------------------------------------------------------------------------------
+
+def remote_scripts(html: str) -> list[str]:
+    """URLs of the ``<script src=...>`` tags of a page that load over the network."""
+    return _REMOTE_SCRIPT.findall(html)
+
+
+def local_pako(html: str, static_path: str) -> str:
+    """``html`` with a ``<script>`` loading pako from a CDN pointed at ``<static_path>/pako.min.js``."""
+    return _PAKO_CDN.sub(f'src="{static_path}/pako.min.js"', html)
+
+
+def _visit_chemiscope_html(self, node):
+    import os
+
+    from chemiscope.sphinx._nodes import visit_chemiscope_html
+
+    start = len(self.body)
+    visit_chemiscope_html(self, node)
+    here = os.path.dirname(self.builder.get_outfilename(self.builder.current_docname))
+    static = os.path.relpath(os.path.join(self.builder.outdir, "_static"), here)
+    for i in range(start, len(self.body)):
+        self.body[i] = local_pako(self.body[i], static)
+
+
+def _check_remote_scripts(app, exception):
+    from sphinx.util import logging
+
+    if exception is not None or app.builder.format != "html":
+        return
+    log = logging.getLogger(__name__)
+    for page in sorted(Path(app.outdir).rglob("*.html")):
+        for url in remote_scripts(page.read_text(errors="replace")):
+            log.warning(f"{page.relative_to(app.outdir)} loads a script from the network: {url}")
+
+
+def setup(app):
+    """Sphinx entry point: chemiscope's directive with a local pako; no remote scripts."""
+    from chemiscope.sphinx._nodes import chemiscope, depart_chemiscope_html, depart_chemiscope_latex
+    from chemiscope.sphinx._nodes import visit_chemiscope_latex
+
+    app.setup_extension("chemiscope.sphinx")
+    app.add_node(chemiscope, override=True, html=(_visit_chemiscope_html, depart_chemiscope_html),
+                 latex=(visit_chemiscope_latex, depart_chemiscope_latex))
+    app.connect("build-finished", _check_remote_scripts)
+    return {"parallel_read_safe": True, "parallel_write_safe": True}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="write the generated parts of the book (book/_generated)")
+    parser.add_argument("--notebooks", required=True, help="folder of executed NN-*.ipynb notebooks")
+    parser.add_argument("--node-modules", help="npm folder holding mathjax and pako (copied to _static)")
+    parser.add_argument("--no-availability", action="store_true", help="do not load models to check availability")
+    args = parser.parse_args(argv)
+    for path in write_generated(args.notebooks, node_modules=args.node_modules,
+                                check_availability=not args.no_availability):
+        print(f"wrote {path.relative_to(paths.project_root())}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

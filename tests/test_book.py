@@ -1,0 +1,242 @@
+"""The book's generated pages (umlip_latents.book): tables, chapters and a tiny Sphinx build."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import nbformat
+import pytest
+from markdown_it import MarkdownIt
+
+from umlip_latents import book, paths
+from umlip_latents.datasets import registry as dataset_registry
+from umlip_latents.registry import load_registry
+
+
+def table_rows(markdown: str) -> list[list[str]]:
+    """Rows (header included) of every table CommonMark + GFM tables parse in ``markdown``."""
+    tokens = MarkdownIt("commonmark").enable("table").parse(markdown)
+    rows, row = [], None
+    for tok in tokens:
+        if tok.type == "tr_open":
+            row = []
+        elif tok.type == "inline" and row is not None:
+            row.append(tok.content)
+        elif tok.type == "tr_close":
+            rows.append(row)
+            row = None
+    return rows
+
+
+def papermill_notebook(parameters: dict, chemiscope: str | None = None):
+    """A small notebook shaped like papermill's output (title cell, parameters, a figure)."""
+    v4 = nbformat.v4
+    cells = [v4.new_markdown_cell("# A title\n\n## Overview\nWhat it shows."),
+             v4.new_code_cell("limit = None", metadata={"tags": ["parameters"]}),
+             v4.new_code_cell("limit = 16", metadata={"tags": ["injected-parameters"]}),
+             v4.new_markdown_cell("## A section\nText."),
+             v4.new_code_cell("plot()", outputs=[v4.new_output(
+                 "display_data", data={"image/png": _PNG, "text/plain": "<Figure>"})])]
+    if chemiscope:
+        cells.append(v4.new_code_cell("write()", outputs=[v4.new_output(
+            "stream", name="stdout", text=f"written: book/_generated/{chemiscope}\n")]))
+    cells.append(v4.new_markdown_cell("## Summary\nDone."))
+    nb = v4.new_notebook(cells=cells)
+    nb.metadata["papermill"] = {"parameters": parameters, "end_time": "2025-01-02T03:04:05+00:00"}
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    return nb
+
+
+# a 1x1 PNG
+_PNG = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5E"
+        "rkJggg==")
+
+
+# ---------------------------------------------------------------------------------------------
+# tables
+# ---------------------------------------------------------------------------------------------
+
+def test_model_table_lists_every_registered_model_with_availability():
+    specs = load_registry()
+    keys = sorted(specs)
+    availability = {k: (i % 2 == 0, f"reason {i}") for i, k in enumerate(keys)}
+    rows = table_rows(book.models_markdown(specs, availability))
+    header, body = rows[0], rows[1:]
+    assert header == ["key", "family", "environment", "source", "training data", "functional", "available"]
+    assert [r[0].strip("`") for r in body] == keys
+    for i, r in enumerate(body):
+        spec = specs[keys[i]]
+        assert r[1] == spec.family and r[2] == spec.environment
+        assert r[3].startswith(spec.source["kind"] + ":")
+        assert r[6] == f"{'yes' if i % 2 == 0 else 'no'}: reason {i}"
+
+
+def test_model_table_without_availability_says_not_checked():
+    rows = table_rows(book.models_markdown(load_registry()))
+    assert {r[6] for r in rows[1:]} == {"not checked"}
+
+
+def test_cells_with_pipes_dollars_and_newlines_keep_the_table_shape():
+    text = book.md_table(["a", "b"], [[book.cell("x | y\nz"), book.cell("$5 <b>")]])
+    rows = table_rows(text)
+    assert rows == [["a", "b"], ["x | y z", "\\$5 &lt;b>"]]       # one row of two cells; $ stays escaped
+    assert book.cell(None) == "–" and book.cell(True) == "yes" and book.cell(0.123456) == "0.1235"
+    with pytest.raises(ValueError):
+        book.md_table(["a", "b"], [["only one"]])
+
+
+def test_dataset_table_lists_every_dataset_and_collection():
+    reg = dataset_registry()
+    md = book.datasets_markdown(reg)
+    names = [r[0].strip("`") for r in table_rows(md) if r[0].startswith("`")]
+    assert set(reg["datasets"]) | set(reg["collections"]) == set(names)
+    assert all(len(r) == len(table_rows(md)[0]) for r in table_rows(md) if len(r) == 5)
+
+
+def test_benchmark_reports_of_every_shape_render_as_tables():
+    reports = {
+        "records": {"benchmark": "x", "results": [{"model": "a", "speedup": 2.0}, {"model": "b", "speedup": 3.5}]},
+        "by_key": {"dim": 8, "orders": {"2": {"fast_s": 0.1, "slow_s": 1.0}, "4": {"fast_s": 0.2, "slow_s": 3.0}}},
+        "nested": {"input": {"kind": "synthetic", "seed": 0},
+                   "gfre": {"ours_s": 1.0, "skmatter_s": 9.0, "speedup": 9.0, "dims": [64, 128], "pairs": 4},
+                   "deep": {"a": {"b": {"c": 1}}}},
+    }
+    md = book.benchmarks_markdown(reports)
+    for name in reports:
+        assert f"## {name}" in md
+    rows = table_rows(md)
+    assert ["a", "2"] == rows[rows.index(["model", "speedup"]) + 1]
+    assert ["orders", "fast_s", "slow_s"] in rows and ["`4`", "0.2", "3"] in rows
+    assert ["dims", "64, 128"] in rows and ["input", "kind=synthetic, seed=0"] in rows
+    assert '"c": 1' in md                     # too deep for a table: a JSON block
+    assert "make benchmark" in book.benchmarks_markdown({})
+
+
+# ---------------------------------------------------------------------------------------------
+# chapters
+# ---------------------------------------------------------------------------------------------
+
+def test_params_file_is_found_by_its_values():
+    import yaml
+
+    smoke = paths.project_root() / "params" / "smoke.yml"
+    values = yaml.safe_load(smoke.read_text())
+    assert book.params_file_for(values, smoke.parent) == smoke
+    assert book.params_file_for({**values, "limit": -1}, smoke.parent) is None
+
+
+def test_chapter_names_notebook_and_parameters_and_embeds_chemiscope():
+    nb = papermill_notebook({"limit": 16, "dataset": "default"}, chemiscope="chemiscope-x.json.gz")
+    before = nbformat.writes(nb)
+    out = book.chapter_notebook(nb, "Narrative here.", "notebooks/09-x.ipynb", "params/smoke.yml",
+                                {"chemiscope-x.json.gz": "../chemiscope-x.json.gz"})
+    assert nbformat.writes(nb) == before                 # the input is not changed
+    nbformat.validate(out)
+    assert out.cells[0].source.startswith("# A title")
+    note = out.cells[1].source
+    assert "`notebooks/09-x.ipynb`" in note and "`params/smoke.yml`" in note and "`limit=16`" in note
+    assert "Narrative here." in note and "2025-01-02 03:04" in note
+    params_cell = next(c for c in out.cells if "parameters" in c.metadata.get("tags", []))
+    assert "remove-cell" in params_cell.metadata["tags"]
+    i = next(i for i, c in enumerate(out.cells) if c.source == "write()")
+    assert out.cells[i + 1].source.startswith("Interactive") and "{chemiscope} ../chemiscope-x.json.gz" in \
+        out.cells[i + 1].source
+    assert len({c.id for c in out.cells}) == len(out.cells)
+    # the same input gives the same chapter (stable ids)
+    assert nbformat.writes(book.chapter_notebook(nb, "Narrative here.", "notebooks/09-x.ipynb", "params/smoke.yml",
+                                                 {"chemiscope-x.json.gz": "../chemiscope-x.json.gz"})) == \
+        nbformat.writes(out)
+
+
+def test_chapter_without_params_file_or_map_says_so():
+    nb = papermill_notebook({"limit": 3}, chemiscope="chemiscope-x.json.gz")
+    out = book.chapter_notebook(nb, "", "notebooks/09-x.ipynb")
+    assert "no file of `params/`" in out.cells[1].source
+    assert not any("{chemiscope}" in c.source for c in out.cells)
+
+
+def test_remote_scripts_and_local_pako():
+    page = ('<script src="https://cdnjs.cloudflare.com/ajax/libs/pako/2.0.4/pako.min.js"></script>'
+            '<script src="_static/x.js"></script><script src="//cdn.example/y.js"></script>')
+    assert book.remote_scripts(page) == ["https://cdnjs.cloudflare.com/ajax/libs/pako/2.0.4/pako.min.js",
+                                         "//cdn.example/y.js"]
+    local = book.local_pako(page, "../_static")
+    assert '<script src="../_static/pako.min.js">' in local and book.remote_scripts(local) == ["//cdn.example/y.js"]
+
+
+def fake_node_modules(folder):
+    """The files of the mathjax and pako npm packages that :func:`book.stage_static` copies."""
+    for part in book.MATHJAX_PARTS:
+        p = folder / "mathjax" / "es5" / part
+        if part.endswith(".js"):
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text("// mathjax")
+        else:
+            p.mkdir(parents=True)
+            (p / "f.woff").write_text("x")
+    (folder / book.PAKO_FILE).parent.mkdir(parents=True)
+    (folder / book.PAKO_FILE).write_text("// pako")
+    return folder
+
+
+def test_stage_static_copies_mathjax_and_pako(tmp_path):
+    nm = tmp_path / "node_modules"
+    with pytest.raises(FileNotFoundError, match="make book-js"):
+        book.stage_static(nm, tmp_path / "static")
+    fake_node_modules(nm)
+    book.stage_static(nm, tmp_path / "static")
+    assert (tmp_path / "static" / "mathjax" / "tex-chtml.js").is_file()
+    assert (tmp_path / "static" / "mathjax" / "output" / "chtml" / "fonts" / "woff-v2" / "f.woff").is_file()
+    assert (tmp_path / "static" / "pako.min.js").is_file()
+    template = tmp_path / "static" / "chemiscope-sphinx.html"
+    assert template.is_file() and not book.remote_scripts(template.read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# a tiny Sphinx build of generated pages (a few seconds)
+# ---------------------------------------------------------------------------------------------
+
+def test_tiny_build_renders_tables_math_figure_and_chemiscope_without_remote_scripts(tmp_path):
+    pytest.importorskip("myst_nb")
+    pytest.importorskip("chemiscope")
+    from ase.build import bulk
+    from sphinx.application import Sphinx
+
+    import chemiscope
+
+    src = tmp_path / "src"
+    (src / "_generated").mkdir(parents=True)
+    static = tmp_path / "static"
+    book.stage_static(fake_node_modules(tmp_path / "node_modules"), static)
+    frames = [bulk("Si", "diamond", a=5.43), bulk("Cu", "fcc", a=3.6)]
+    data = chemiscope.create_input(structures=frames, properties={"x": [0.0, 1.0], "y": [1.0, 0.0]})
+    with gzip.open(src / "_generated" / "chemiscope-t.json.gz", "wt") as fh:
+        json.dump(data, fh)
+    (src / "_generated" / "models.md").write_text(book.models_markdown(load_registry()))
+    (src / "index.md").write_text("# Index\n\n$$\\kappa_4 = \\mu_4 - 3\\mu_2^2$$\n\n"
+                                  "```{include} _generated/models.md\n```\n\n```{toctree}\nchapter\n```\n")
+    nb = book.chapter_notebook(papermill_notebook({"limit": 16}, chemiscope="chemiscope-t.json.gz"),
+                               "Narrative.", "notebooks/09-t.ipynb", None,
+                               {"chemiscope-t.json.gz": "_generated/chemiscope-t.json.gz"})
+    nbformat.write(nb, src / "chapter.ipynb")
+    (src / "conf.py").write_text(
+        'extensions = ["myst_nb", "sphinx.ext.mathjax", "umlip_latents.book"]\n'
+        'myst_enable_extensions = ["colon_fence", "dollarmath"]\n'
+        'nb_execution_mode = "off"\n'
+        f'html_static_path = [{str(static)!r}]\n'
+        'mathjax_path = "mathjax/tex-chtml.js"\n'
+        'exclude_patterns = ["_generated"]\n')
+    out = tmp_path / "html"
+    app = Sphinx(str(src), str(src), str(out), str(tmp_path / "doctrees"), "html", warningiserror=True,
+                 freshenv=True, status=None)
+    app.build()
+    assert app.statuscode == 0
+    index, chapter = (out / "index.html").read_text(), (out / "chapter.html").read_text()
+    assert all(f"<code class=\"docutils literal notranslate\"><span class=\"pre\">{k}</span></code>" in index
+               for k in load_registry())
+    assert 'src="_static/mathjax/tex-chtml.js' in index
+    assert list((out / "_images").glob("*.png"))
+    assert "loadChemiscopeSphinx" in chapter and 'src="_static/pako.min.js"' in chapter
+    for page in out.rglob("*.html"):
+        assert book.remote_scripts(page.read_text()) == [], page
