@@ -1,6 +1,6 @@
 # make setup  – create/refresh the environments (idempotent: re-runs pip only when a pin file changed)
 # make run    – main job: fetch data and extract the offline model panel on the default set, then run
-#               notebooks/01-extraction.ipynb with papermill into runs/
+#               every notebook with papermill ($(PARAMS)) into runs/
 # make test   – set up, then run the test suite and the notebook regression (nbval)
 # make book   – set up, fetch data, run every notebook with papermill ($(PARAMS)) into $(BOOK_NOTEBOOKS),
 #               generate the book's pages and build the site into _build/html (warnings are errors)

@@ -96,3 +96,18 @@ def test_structures_hash_sees_every_input():
     c = a.copy()
     c.pbc = [True, True, False]
     assert len({h, datasets.structures_hash([b]), datasets.structures_hash([c])}) == 3
+
+
+def test_path_entry_is_verified(tmp_path, monkeypatch):
+    import yaml
+
+    from umlip_latents import paths
+
+    src = datasets.fetch("mpf-alkali-tp")
+    reg = yaml.safe_load(paths.datasets_file().read_text())
+    reg["datasets"]["mine"] = {"description": "user file", "path": str(src), "sha256": datasets.sha256_file(src)}
+    reg["datasets"]["tampered"] = {"description": "user file", "path": str(src), "sha256": "0" * 64}
+    monkeypatch.setattr(datasets, "registry", lambda: reg)
+    assert len(datasets.load_dataset("mine")) == 460
+    with pytest.raises(ChecksumMismatch, match="tampered"):
+        datasets.load_dataset("tampered")

@@ -105,6 +105,13 @@ def fetch(name: str) -> Path:
     if name not in reg["datasets"]:
         raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(dataset_names())}")
     spec = reg["datasets"][name]
+    if "path" in spec:  # a file the user placed (e.g. an online-only set downloaded elsewhere)
+        path = Path(spec["path"]).expanduser()
+        path = path if path.is_absolute() else paths.data_dir() / path
+        if not path.exists():
+            raise DatasetError(f"dataset {name}: put the file at {path} (registered sha256 {spec['sha256']})")
+        _verify(path, spec["sha256"], f"dataset {name}")
+        return path
     if "archive" not in spec:
         raise DatasetError(f"dataset {name!r} is not a file dataset (source: {spec.get('source')})")
     target = paths.data_dir() / "datasets" / f"{name}.xyz"
