@@ -2,6 +2,8 @@
 # make run    – main job: fetch data and extract the offline model panel on the default set, then run
 #               every notebook with papermill ($(PARAMS)) into runs/
 # make test   – set up, then run the test suite and the notebook regression (nbval)
+# make test-browser – build the site from the committed smoke-run notebooks and load every page
+#               in headless Chromium (tests/browser; installs Debian's chromium if missing)
 # make book   – set up, fetch data, run every notebook with papermill ($(PARAMS)) into $(BOOK_NOTEBOOKS),
 #               generate the book's pages and build the site into _build/html (warnings are errors)
 PYTHON ?= python3.11
@@ -12,7 +14,8 @@ PARAMS ?= params/default.yml
 PANEL  := chgnet-0.3.0 chgnet-0.2.0 chgnet-r2scan diep sevennet-0 sevennet-0-22may2024 sevennet-l3i5 sevennet-mf-0
 PY := $(VENV)/bin/python
 
-.PHONY: setup run extract notebooks smoke-notebooks test benchmark clean-envs book book-notebooks book-js book-html
+.PHONY: setup run extract notebooks smoke-notebooks test benchmark clean-envs book book-notebooks book-js book-html \
+        test-browser
 
 setup: $(VENV)/.stamp $(foreach e,$(FAMILY_ENVS),$(ENVS)/$(e)/.stamp)
 
@@ -81,3 +84,14 @@ $(BOOK_JS_STAMP):
 book-html: setup book-js
 	$(PY) -m umlip_latents.book --notebooks $(BOOK_NOTEBOOKS) --node-modules $(BOOK_JS)/node_modules
 	$(VENV)/bin/jupyter-book build . -W --keep-going
+
+# ---- the built site in a browser: every page of _build/html in headless Chromium (Debian's
+# chromium + chromium-driver, installed here when missing); screenshots go to _build/screenshots
+CHROMIUM_PACKAGES := chromium chromium-driver
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+test-browser: setup book-js
+	test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { $(SUDO) apt-get update && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends $(CHROMIUM_PACKAGES); }
+	$(MAKE) --no-print-directory book-html BOOK_NOTEBOOKS=notebooks
+	$(VENV)/bin/python -m pytest -q -m browser tests/browser

@@ -442,6 +442,23 @@ def _visit_chemiscope_html(self, node):
         self.body[i] = local_pako(self.body[i], static)
 
 
+def _dedupe_scripts(app, pagename, templatename, context, doctree):
+    """Drop repeated ``<script>`` entries from a page.
+
+    Sphinx 7.4 lists an inline script that an extension adds after ``builder-inited`` twice
+    (once with filename ``None``, once with ``''``), so sphinx-thebe's ``const THEBE_JS_URL``
+    is declared twice and the browser reports a ``SyntaxError`` on every page.
+    """
+    seen, unique = set(), []
+    for script in context.get("script_files", []):
+        key = (getattr(script, "filename", script) or "",
+               tuple(sorted(getattr(script, "attributes", {}).items())))
+        if key not in seen:
+            seen.add(key)
+            unique.append(script)
+    context["script_files"] = unique
+
+
 def _check_remote_scripts(app, exception):
     from sphinx.util import logging
 
@@ -461,6 +478,7 @@ def setup(app):
     app.setup_extension("chemiscope.sphinx")
     app.add_node(chemiscope, override=True, html=(_visit_chemiscope_html, depart_chemiscope_html),
                  latex=(visit_chemiscope_latex, depart_chemiscope_latex))
+    app.connect("html-page-context", _dedupe_scripts)
     app.connect("build-finished", _check_remote_scripts)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
 
