@@ -50,10 +50,12 @@ run: extract notebooks
 test: setup
 	$(VENV)/bin/python -m pytest -q --durations=15 tests
 	$(VENV)/bin/python -m pytest -q --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg notebooks
+	$(MAKE) --no-print-directory test-browser
 
 benchmark: setup
 	mkdir -p benchmarks/results
-	for b in benchmarks/*.py; do $(VENV)/bin/python $$b > benchmarks/results/$$(basename $$b .py).json || exit 1; done
+	for b in benchmarks/*.py; do out=benchmarks/results/$$(basename $$b .py).json; \
+	  $(VENV)/bin/python $$b > $$out.tmp && mv $$out.tmp $$out || exit 1; done
 
 clean-envs:
 	rm -rf $(VENV) $(ENVS)

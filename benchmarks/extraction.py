@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     parser.add_argument("--layer", default="last")
     parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    reg = load_registry()
+    reg = load_registry(derived=False)
     keys = args.models or sorted(k for k, s in reg.items() if s.source["kind"] == "wheel")
     results = []
     for key in keys:

@@ -58,7 +58,7 @@ _PNG = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgG
 # ---------------------------------------------------------------------------------------------
 
 def test_model_table_lists_every_registered_model_with_availability():
-    specs = load_registry()
+    specs = load_registry(derived=False)
     keys = sorted(specs)
     availability = {k: (i % 2 == 0, f"reason {i}") for i, k in enumerate(keys)}
     rows = table_rows(book.models_markdown(specs, availability))
@@ -73,7 +73,7 @@ def test_model_table_lists_every_registered_model_with_availability():
 
 
 def test_model_table_without_availability_says_not_checked():
-    rows = table_rows(book.models_markdown(load_registry()))
+    rows = table_rows(book.models_markdown(load_registry(derived=False)))
     assert {r[6] for r in rows[1:]} == {"not checked"}
 
 
@@ -213,7 +213,7 @@ def test_tiny_build_renders_tables_math_figure_and_chemiscope_without_remote_scr
     data = chemiscope.create_input(structures=frames, properties={"x": [0.0, 1.0], "y": [1.0, 0.0]})
     with gzip.open(src / "_generated" / "chemiscope-t.json.gz", "wt") as fh:
         json.dump(data, fh)
-    (src / "_generated" / "models.md").write_text(book.models_markdown(load_registry()))
+    (src / "_generated" / "models.md").write_text(book.models_markdown(load_registry(derived=False)))
     (src / "index.md").write_text("# Index\n\n$$\\kappa_4 = \\mu_4 - 3\\mu_2^2$$\n\n"
                                   "```{include} _generated/models.md\n```\n\n```{toctree}\nchapter\n```\n")
     nb = book.chapter_notebook(papermill_notebook({"limit": 16}, chemiscope="chemiscope-t.json.gz"),
@@ -234,9 +234,17 @@ def test_tiny_build_renders_tables_math_figure_and_chemiscope_without_remote_scr
     assert app.statuscode == 0
     index, chapter = (out / "index.html").read_text(), (out / "chapter.html").read_text()
     assert all(f"<code class=\"docutils literal notranslate\"><span class=\"pre\">{k}</span></code>" in index
-               for k in load_registry())
+               for k in load_registry(derived=False))
     assert 'src="_static/mathjax/tex-chtml.js' in index
     assert list((out / "_images").glob("*.png"))
     assert "loadChemiscopeSphinx" in chapter and 'src="_static/pako.min.js"' in chapter
     for page in out.rglob("*.html"):
         assert book.remote_scripts(page.read_text()) == [], page
+
+
+def test_half_written_benchmark_report_is_named(tmp_path):
+    (tmp_path / "good.json").write_text('{"ratio": 2.0}')
+    assert book.read_benchmarks(tmp_path) == {"good": {"ratio": 2.0}}
+    (tmp_path / "partial.json").write_text('{"ratio": 2.')
+    with pytest.raises(ValueError, match="partial.json"):
+        book.read_benchmarks(tmp_path)

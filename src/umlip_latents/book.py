@@ -213,7 +213,14 @@ def benchmarks_markdown(reports: Mapping[str, Mapping]) -> str:
 def read_benchmarks(folder: str | Path) -> dict[str, dict]:
     """The ``*.json`` reports of a folder by file stem (none if it does not exist)."""
     folder = Path(folder)
-    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))} if folder.is_dir() else {}
+    out = {}
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            out[path.stem] = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"benchmark report {path} is not valid JSON ({exc}); rerun `make benchmark` "
+                             "or delete the file") from exc
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,7 +388,7 @@ def write_generated(notebooks_dir: str | Path, book_dir: str | Path | None = Non
         from .cli import models_table
 
         availability = {r["key"]: (r["available"], r["why"]) for r in models_table()}
-    pages = {"models.md": models_markdown(load_registry(), availability),
+    pages = {"models.md": models_markdown(load_registry(derived=False), availability),
              "datasets.md": datasets_markdown(dataset_registry()),
              "benchmarks.md": benchmarks_markdown(read_benchmarks(root / "benchmarks" / "results"))}
     for name, text in pages.items():

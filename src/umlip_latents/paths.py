@@ -46,6 +46,11 @@ def checkpoints_dir() -> Path:
     return _from_env("UMLIP_LATENTS_CHECKPOINTS", project_root() / "checkpoints")
 
 
+def finetune_dir() -> Path:
+    """Fine-tuning runs: checkpoints, logs and the derived-model registry of each run."""
+    return _from_env("UMLIP_LATENTS_FINETUNE", project_root() / ".cache" / "finetune")
+
+
 def envs_dir() -> Path:
     """Folder of the per-family virtual environments made by ``make setup``."""
     return _from_env("UMLIP_LATENTS_ENVS", project_root() / ".envs")

@@ -43,6 +43,9 @@ class ModelSpec:
     parent: str | None = None
     description: str = ""
     options: dict = field(default_factory=dict)
+    #: for models made by :mod:`umlip_latents.finetune`: protocol, base (architecture source),
+    #: data_sha256, epoch, run (None for registered models)
+    derived: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,7 +58,7 @@ def validate(raw: dict, origin: str = "<dict>") -> ModelSpec:
     missing = [k for k in REQUIRED if k not in raw]
     if missing:
         raise RegistryError(f"{origin}: missing keys {missing}")
-    unknown = set(raw) - set(REQUIRED) - {"parent", "description", "options"}
+    unknown = set(raw) - set(REQUIRED) - {"parent", "description", "options", "derived"}
     if unknown:
         raise RegistryError(f"{origin}: unknown keys {sorted(unknown)}")
     if raw["family"] not in FAMILIES:
@@ -73,14 +76,26 @@ def validate(raw: dict, origin: str = "<dict>") -> ModelSpec:
     for k in ("key", "environment", "training_data", "functional"):
         if not isinstance(raw[k], str) or not raw[k]:
             raise RegistryError(f"{origin}: {k} must be a non-empty string")
+    derived = raw.get("derived")
+    if derived is not None:
+        if not isinstance(derived, dict) or not {"protocol", "base", "data_sha256", "epoch", "run"} <= set(derived):
+            raise RegistryError(f"{origin}: derived must map protocol, base, data_sha256, epoch and run")
+        if src["kind"] != "local":
+            raise RegistryError(f"{origin}: a derived model's source must be a local checkpoint")
     return ModelSpec(**{k: raw[k] for k in raw})
 
 
-def load_registry(folder: str | os.PathLike | None = None) -> dict[str, ModelSpec]:
-    """All models of ``models/*.yml`` (one model, or a list of models, per file), by key."""
-    folder = Path(folder) if folder else paths.models_dir()
+def load_registry(folder: str | os.PathLike | None = None, derived: bool = True) -> dict[str, ModelSpec]:
+    """All models of ``models/*.yml`` (one model, or a list of models, per file), by key.
+
+    With ``derived`` (and no ``folder``), the models made by fine-tuning runs are added: each
+    run folder under :func:`umlip_latents.paths.finetune_dir` holds a ``models.yml``.
+    """
+    files = sorted((Path(folder) if folder else paths.models_dir()).glob("*.yml"))
+    if derived and folder is None:
+        files += sorted(paths.finetune_dir().glob("*/models.yml"))
     out: dict[str, ModelSpec] = {}
-    for path in sorted(folder.glob("*.yml")):
+    for path in files:
         with open(path) as fh:
             doc = yaml.safe_load(fh)
         entries = doc if isinstance(doc, list) else [doc]

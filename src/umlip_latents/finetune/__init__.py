@@ -1,0 +1,318 @@
+"""Fine-tune pretrained models and train bespoke ones, as derived models of the registry.
+
+Protocols (as in arXiv:2512.05717, section "fine-tuning"):
+
+``"ff"``  full fine-tune
+    every weight of the pretrained model is trained on the new data.
+``"hf"``  heads-only
+    the backbone is frozen; only the readout (energy head) is trained.
+``"newhead"``  new head / transfer
+    MACE: multi-head fine-tuning with replay of pretraining data (``mace_run_train
+    --multiheads_finetuning``; the features are those of the new head). CHGNet: the readout
+    MLP is re-initialised and the whole model is trained.
+``"bespoke"``
+    a model of the same architecture trained from scratch on the same data.
+
+Every run trains with the family's own trainer (CHGNet's ``Trainer``, mace-torch's
+``mace_run_train``), with the same epoch budget and seed across protocols, and writes its
+final and per-epoch checkpoints under :func:`umlip_latents.paths.finetune_dir` together with
+a ``models.yml`` that registers them as derived models (parent, protocol, data hash, epoch):
+features of a fine-tuned model are extracted and cached like those of any other model. A
+run is keyed by a hash of everything that can change it and is reused when it exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from .. import paths
+from ..datasets import structures_hash
+from ..errors import DatasetError, UnsupportedElement
+from ..registry import ModelSpec, get_spec, validate
+
+PROTOCOLS = ("ff", "hf", "newhead", "bespoke")
+LABELS = {
+    "zero-shot": "zero-shot base",
+    "ff": "full fine-tune (FF)",
+    "hf": "heads-only (HF)",
+    "newhead": "new head (transfer)",
+    "bespoke": "bespoke (from scratch)",
+    "pretrain": "small model pretrained here (not a foundation model)",
+}
+#: short names for tables and heatmap axes
+SHORT = {"ff": "FF", "hf": "HF", "newhead": "new head", "bespoke": "bespoke"}
+BACKENDS = ("chgnet", "mace")
+#: bump when a backend changes what a run produces, so cached runs are not reused
+RUN_FORMAT = 1
+
+
+@dataclass
+class FinetuneResult:
+    """One training run.
+
+    ``final`` is the derived model of the last epoch, ``epochs[i]`` that of epoch ``i + 1``
+    (``epochs[-1]`` is ``final``); ``history`` has one row per epoch (losses/MAEs as the
+    family's trainer reports them).
+    """
+
+    backend: str
+    protocol: str
+    base: str
+    final: ModelSpec
+    epochs: list[ModelSpec]
+    history: list[dict]
+    workdir: Path
+    seconds: float
+    reused: bool = False
+    settings: dict = field(default_factory=dict)
+
+
+def split_structures(structures: list, fractions=(0.7, 0.15, 0.15), seed: int = 0) -> dict[str, list]:
+    """Split into ``train``/``valid``/``test`` by a seeded permutation.
+
+    Every part gets at least one structure; ``structures`` must hold at least three.
+    """
+    n = len(structures)
+    if n < 3:
+        raise DatasetError(f"need at least 3 structures to split into train/valid/test, got {n}")
+    f = np.asarray(fractions, dtype=float)
+    if f.shape != (3,) or (f <= 0).any():
+        raise ValueError(f"fractions must be three positive numbers, got {fractions}")
+    f = f / f.sum()
+    order = np.random.default_rng(seed).permutation(n)
+    n_valid = max(1, int(round(f[1] * n)))
+    n_test = max(1, int(round(f[2] * n)))
+    n_train = n - n_valid - n_test
+    if n_train < 1:
+        raise DatasetError(f"{n} structures leave no training structure with fractions {tuple(f)}")
+    parts = {"train": order[:n_train], "valid": order[n_train:n_train + n_valid], "test": order[n_train + n_valid:]}
+    return {k: [structures[i] for i in idx] for k, idx in parts.items()}
+
+
+def check_training_data(structures: list, supported: set[int] | None = None, model: str = "the base model",
+                        forces: bool = True) -> None:
+    """Raise a clear error for data that cannot be trained on; return None when it can.
+
+    Raises
+    ------
+    DatasetError
+        A structure has no DFT energy (``info["energy"]``), no forces (``arrays["forces"]``,
+        when ``forces``), non-finite labels, or a shape mismatch; the message names it.
+    UnsupportedElement
+        A structure holds an element ``supported`` does not contain (the base model has no
+        embedding for it); the message names element, structure and model.
+    """
+    from ase.data import chemical_symbols
+
+    if not structures:
+        raise DatasetError("no training structures")
+    for i, atoms in enumerate(structures):
+        sid = atoms.info.get("structure_id", f"#{i}")
+        energy = atoms.info.get("energy")
+        if energy is None:
+            raise DatasetError(f"structure {sid}: no DFT energy (info['energy']); fine-tuning needs energies")
+        if not np.isfinite(float(energy)):
+            raise DatasetError(f"structure {sid}: energy is {energy}")
+        if forces:
+            f = atoms.arrays.get("forces")
+            if f is None:
+                raise DatasetError(f"structure {sid}: no forces (arrays['forces']); fine-tuning needs forces")
+            if np.shape(f) != (len(atoms), 3) or not np.isfinite(f).all():
+                raise DatasetError(f"structure {sid}: forces must be a finite ({len(atoms)}, 3) array")
+        if supported is not None:
+            bad = sorted(set(int(z) for z in atoms.numbers) - set(supported))
+            if bad:
+                names = ", ".join(chemical_symbols[z] for z in bad)
+                raise UnsupportedElement(f"structure {sid} holds {names}, unknown to {model}: it has no "
+                                         "embedding for it, so fine-tuning cannot start from it")
+
+
+def run_key(settings: dict) -> str:
+    """Short hash naming a run folder (every input that can change the run)."""
+    payload = json.dumps({"format": RUN_FORMAT, **settings}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def derived_spec(base: ModelSpec, key: str, checkpoint: Path, protocol: str, data_sha256: str, epoch: int,
+                 run: str, n_train: int, label: str, options: dict | None = None) -> ModelSpec:
+    """A registry entry for a checkpoint made by a run (validated like any entry)."""
+    if protocol in ("bespoke", "pretrain"):
+        training = f"{n_train} structures of {label} only (trained from scratch, architecture of {base.key})"
+    else:
+        training = f"{base.training_data}; then {LABELS[protocol]} on {n_train} structures of {label}"
+    raw = {
+        "key": key,
+        "family": base.family,
+        "environment": base.environment,
+        "source": {"kind": "local", "path": str(Path(checkpoint).resolve())},
+        "training_data": training,
+        "functional": base.functional,
+        "layers": dict(base.layers),
+        "parent": None if protocol in ("bespoke", "pretrain") else base.key,
+        "description": f"{LABELS[protocol]} of {base.key}, epoch {epoch} (run {run})",
+        "options": dict(options if options is not None else base.options),
+        "derived": {"protocol": protocol, "base": base.key, "data_sha256": data_sha256, "epoch": int(epoch),
+                    "run": run},
+    }
+    return validate(raw, f"run {run}")
+
+
+def finetune(backend: str, base_model: str | ModelSpec, train: list, valid: list, protocol: str = "ff", *,
+             epochs: int = 2, lr: float = 1e-3, seed: int = 0, device: str = "cpu", batch_size: int = 4,
+             data_label: str = "fine-tuning data", workdir: str | os.PathLike | None = None,
+             recompute: bool = False, **options) -> FinetuneResult:
+    """Train ``base_model`` on ``train`` with ``protocol`` and register the checkpoints.
+
+    Parameters
+    ----------
+    backend : {"chgnet", "mace"}
+        The family's trainer. Must match ``base_model``'s family.
+    base_model
+        Registry key or spec of the pretrained model (for ``"bespoke"``: the model whose
+        architecture is trained from scratch).
+    train, valid : list of ase.Atoms
+        Labelled structures (``info["energy"]`` in eV, ``arrays["forces"]`` in eV/Å).
+    protocol : {"ff", "hf", "newhead", "bespoke"}
+    epochs, lr, seed, batch_size
+        The same for every protocol of a comparison; ``seed`` fixes initialisation (bespoke,
+        new heads), shuffling and dropout.
+    data_label
+        Name of the data in the derived models' ``training_data``.
+    workdir
+        Run folder; default ``finetune_dir() / <backend>-<protocol>-<hash>``.
+    recompute
+        Train again even when the run folder holds a finished run.
+    **options
+        Backend options (see :mod:`umlip_latents.finetune.chgnet` and ``.mace``).
+
+    Returns
+    -------
+    FinetuneResult
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    base = get_spec(base_model)
+    if base.family != backend:
+        raise ValueError(f"base model {base.key} is a {base.family} model; backend {backend!r} cannot train it")
+    module = _backend(backend)
+    module.check_base(base)
+    check_training_data(list(train) + list(valid), module.supported_elements(base, protocol), base.key)
+
+    data_sha = structures_hash(list(train) + list(valid))
+    settings = {"backend": backend, "base": base.to_dict(), "protocol": protocol, "epochs": epochs, "lr": lr,
+                "seed": seed, "device": device.split(":")[0], "batch_size": batch_size,
+                "train": structures_hash(train), "valid": structures_hash(valid),
+                "labels": _labels_hash(list(train) + list(valid)), "options": _options_identity(options),
+                "versions": module.versions()}
+    run = f"{backend}-{protocol}-{run_key(settings)}"
+    folder = Path(workdir) if workdir else paths.finetune_dir() / run
+    manifest = folder / "run.json"
+    if manifest.exists() and not recompute:
+        return _result_from_manifest(manifest, reused=True)
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    start = time.perf_counter()
+    out = module.train(base, train, valid, protocol, epochs=epochs, lr=lr, seed=seed, device=device,
+                       batch_size=batch_size, workdir=folder, **options)
+    seconds = time.perf_counter() - start
+    if len(out.epoch_checkpoints) != epochs:
+        raise RuntimeError(f"run {run}: {len(out.epoch_checkpoints)} epoch checkpoints for {epochs} epochs")
+    specs = [derived_spec(base, f"{run}-e{e}", path, protocol, data_sha, e, run, len(train), data_label,
+                          out.options) for e, path in enumerate(out.epoch_checkpoints, start=1)]
+    with open(folder / "models.yml.tmp", "w") as fh:
+        yaml.safe_dump([s.to_dict() for s in specs], fh, sort_keys=False)
+    os.replace(folder / "models.yml.tmp", folder / "models.yml")
+    record = {"backend": backend, "protocol": protocol, "base": base.key, "run": run, "seconds": seconds,
+              "history": out.history, "models": [s.key for s in specs], "settings": settings}
+    with open(folder / "run.json.tmp", "w") as fh:
+        json.dump(record, fh, indent=1, default=str)
+    os.replace(folder / "run.json.tmp", manifest)  # written last: a run without it is unfinished
+    return _result_from_manifest(manifest, reused=False)
+
+
+@dataclass
+class BackendOutput:
+    """What a backend's ``train`` returns: one checkpoint per epoch (last = final)."""
+
+    epoch_checkpoints: list[Path]
+    history: list[dict]
+    options: dict | None = None  # registry options of the derived models (e.g. MACE head)
+
+
+def _options_identity(options: dict) -> dict:
+    """Backend options as they enter a run key: structure lists by content, no timeouts."""
+    from ase import Atoms
+
+    out = {}
+    for k, v in options.items():
+        if k == "timeout":
+            continue
+        if isinstance(v, (list, tuple)) and v and all(isinstance(a, Atoms) for a in v):
+            v = {"structures": structures_hash(v), "labels": _labels_hash(v)}
+        out[k] = v
+    return out
+
+
+def _labels_hash(structures: list) -> str:
+    digest = hashlib.sha256()
+    for atoms in structures:
+        digest.update(np.float64(atoms.info["energy"]).tobytes())
+        if "forces" in atoms.arrays:
+            digest.update(np.ascontiguousarray(atoms.arrays["forces"], dtype=np.float64).tobytes())
+    return digest.hexdigest()
+
+
+def _result_from_manifest(manifest: Path, reused: bool) -> FinetuneResult:
+    record = json.loads(manifest.read_text())
+    with open(manifest.parent / "models.yml") as fh:
+        specs = [validate(raw, str(manifest.parent)) for raw in yaml.safe_load(fh)]
+    return FinetuneResult(backend=record["backend"], protocol=record["protocol"], base=record["base"],
+                          final=specs[-1], epochs=specs, history=record["history"], workdir=manifest.parent,
+                          seconds=record["seconds"], reused=reused, settings=record["settings"])
+
+
+def _backend(name: str):
+    if name == "chgnet":
+        from . import chgnet as module
+    else:
+        from . import mace as module
+    return module
+
+
+def evaluate(model: str | ModelSpec, structures: list, device: str = "cpu") -> dict:
+    """Energy and force errors of a model against the DFT labels, with its own ASE calculator.
+
+    Returns
+    -------
+    dict
+        ``energy_rmse`` (meV/atom), ``force_rmse`` (meV/Å), ``n_structures``, ``n_atoms``.
+    """
+    from ..extract import load_adapter
+
+    adapter = load_adapter(model, device=device)
+    calc = adapter.calculator()
+    de, df = [], []
+    for atoms in structures:
+        a = atoms.copy()
+        a.calc = calc
+        de.append((a.get_potential_energy() - atoms.info["energy"]) / len(atoms))
+        if "forces" in atoms.arrays:
+            df.append((a.get_forces() - atoms.arrays["forces"]).ravel())
+    de = np.asarray(de)
+    df = np.concatenate(df) if df else np.array([np.nan])
+    return {"energy_rmse": 1000 * float(np.sqrt(np.mean(de**2))), "force_rmse": 1000 * float(np.sqrt(np.mean(df**2))),
+            "n_structures": len(structures), "n_atoms": int(sum(len(a) for a in structures))}
