@@ -7,8 +7,10 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from umlip_latents.checks import random_rotation
 from umlip_latents import paths
 from umlip_latents.registry import ModelSpec, load_registry
 
@@ -80,3 +82,32 @@ def trained_mace() -> ModelSpec:
         functional="PBE/PBE+U", layers={"last": "readout inputs", "backbone": "get_descriptors"},
         description="small MACE trained here for tests; not a foundation model",
     )
+
+
+def transformed_variants(crystals):
+    """Base structures followed by transformed copies, with the map back to base atoms.
+
+    Kinds: rotated, translated, permuted, 2x2x2 supercell (features must agree with the base
+    atoms they map to) and nudged (one atom moved 0.3 A: features must change).
+    """
+    base = crystals
+    out, maps = list(base), []
+    rot = random_rotation(7)
+    for i, atoms in enumerate(base):
+        n = len(atoms)
+        r = atoms.copy()
+        r.set_cell(atoms.cell.array @ rot.T, scale_atoms=False)
+        r.positions = atoms.positions @ rot.T
+        t = atoms.copy()
+        t.positions += np.array([0.37, -1.1, 2.3])
+        p = atoms[::-1]
+        s = atoms.repeat(2)
+        d = atoms.copy()  # control: a real (small) physical change the features must see
+        d.positions[0] += np.array([0.3, 0.0, 0.0])
+        for kind, a, idx in (("rotated", r, np.arange(n)), ("translated", t, np.arange(n)),
+                             ("permuted", p, np.arange(n)[::-1]), ("supercell", s, np.arange(8 * n) % n),
+                             ("nudged", d, np.arange(n))):
+            a.info["structure_id"] = f"{atoms.info['structure_id']}-{kind}"
+            maps.append((kind, i, len(out), idx))
+            out.append(a)
+    return out, maps

@@ -86,3 +86,32 @@ def test_checksum_mismatch_is_one_line(capsys, tmp_path, monkeypatch):
     assert main(["datasets", "fetch", "mpf-alkali-tp"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "sha256" in err[0] and "mpf-alkali-tp" in err[0]
+
+
+def test_models_in_other_environments_report_missing_checkpoints(tmp_path, monkeypatch):
+    from umlip_latents.cli import models_table
+
+    monkeypatch.setenv("UMLIP_LATENTS_CHECKPOINTS", str(tmp_path))
+    rows = {r["key"]: r for r in models_table()}
+    pet = [r for r in rows.values() if r["family"] == "pet"]
+    assert pet and not any(r["available"] for r in pet)
+    assert all("checkpoints folder" in r["why"] for r in pet if "missing" not in r["why"])
+    assert rows["sevennet-0"]["available"]
+
+
+def test_fine_tuned_models_stay_out_of_the_panel_unless_asked(tmp_path, monkeypatch):
+    import yaml
+
+    from umlip_latents.cli import models_table
+    from umlip_latents.finetune import derived_spec
+    from umlip_latents.registry import get_spec
+
+    monkeypatch.setenv("UMLIP_LATENTS_FINETUNE", str(tmp_path))
+    ckpt = tmp_path / "run-x" / "epoch-001.pth.tar"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"")
+    spec = derived_spec(get_spec("chgnet-0.3.0"), "run-x-e1", ckpt, "ff", "0" * 64, 1, "run-x", 10, "test data")
+    (ckpt.parent / "models.yml").write_text(yaml.safe_dump([spec.to_dict()]))
+    assert "run-x-e1" not in {r["key"] for r in models_table()}
+    assert "run-x-e1" in {r["key"] for r in models_table(derived=True)}
+    assert get_spec("run-x-e1") == spec

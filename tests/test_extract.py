@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import offline_panel
+from conftest import offline_panel, transformed_variants
 
 from umlip_latents.checks import random_rotation
 from umlip_latents.errors import UnsupportedElement
@@ -50,38 +50,13 @@ def _spec(key, request):
     return request.getfixturevalue("trained_mace") if key == "test-mace" else get_spec(key)
 
 
-def _variants(crystals):
-    """Base structures followed by transformed copies, with the map back to base atoms."""
-    base = crystals
-    out, maps = list(base), []
-    rot = random_rotation(7)
-    for i, atoms in enumerate(base):
-        n = len(atoms)
-        r = atoms.copy()
-        r.set_cell(atoms.cell.array @ rot.T, scale_atoms=False)
-        r.positions = atoms.positions @ rot.T
-        t = atoms.copy()
-        t.positions += np.array([0.37, -1.1, 2.3])
-        p = atoms[::-1]
-        s = atoms.repeat(2)
-        d = atoms.copy()  # control: a real (small) physical change the features must see
-        d.positions[0] += np.array([0.3, 0.0, 0.0])
-        for kind, a, idx in (("rotated", r, np.arange(n)), ("translated", t, np.arange(n)),
-                             ("permuted", p, np.arange(n)[::-1]), ("supercell", s, np.arange(8 * n) % n),
-                             ("nudged", d, np.arange(n))):
-            a.info["structure_id"] = f"{atoms.info['structure_id']}-{kind}"
-            maps.append((kind, i, len(out), idx))
-            out.append(a)
-    return out, maps
-
-
 @pytest.fixture(scope="module")
 def features(request, crystals):
     cache = {}
 
     def get(key, layer, batch_size=None):
         if (key, layer, batch_size) not in cache:
-            structures, maps = _variants(crystals)
+            structures, maps = transformed_variants(crystals)
             fs = extract_features(_spec(key, request), structures, layer=layer, device="cpu", batch_size=batch_size)
             cache[key, layer, batch_size] = (fs, maps)
         return cache[key, layer, batch_size]

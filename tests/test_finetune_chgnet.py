@@ -152,3 +152,15 @@ def test_bad_training_data_is_named(ft_env, parts):
         finetune("chgnet", BASE, parts["train"], parts["valid"], "everything", epochs=1)
     with pytest.raises(ValueError, match="mace model|chgnet model"):
         finetune("mace", BASE, parts["train"], parts["valid"], "ff", epochs=1)
+
+
+def test_held_out_structures_keep_to_training_elements():
+    from ase.build import bulk
+
+    from umlip_latents.finetune import within_training_elements
+
+    nacl, kcl, zr = bulk("NaCl", "rocksalt", a=5.6), bulk("KCl", "rocksalt", a=6.3), bulk("Zr", "hcp", a=3.2)
+    parts, dropped = within_training_elements({"train": [nacl, kcl], "valid": [kcl, zr], "test": [zr, nacl]})
+    assert dropped == 2 and parts["valid"] == [kcl] and parts["test"] == [nacl]
+    with pytest.raises(DatasetError, match="training split"):
+        within_training_elements({"train": [nacl], "valid": [zr], "test": [nacl]})

@@ -105,18 +105,19 @@ def models_markdown(specs: Mapping, availability: Mapping[str, tuple[bool, str]]
         from it (or all, when it is ``None``) are marked "not checked".
     """
     availability = availability or {}
-    header = ["key", "family", "environment", "source", "training data", "functional", "available"]
-    rows = []
+    summary, details = [], []
     for key in sorted(specs):
         spec = specs[key]
-        if key in availability:
-            ok, why = availability[key]
-            avail = f"{'yes' if ok else 'no'}: {cell(why)}" if why else ("yes" if ok else "no")
-        else:
-            avail = "not checked"
-        rows.append([code(key), cell(spec.family), cell(spec.environment), source_text(spec.source),
-                     cell(spec.training_data), cell(spec.functional), avail])
-    return md_table(header, rows)
+        ok, why = availability.get(key, (None, "not checked"))
+        avail = "not checked" if ok is None else ("yes" if ok else "no")
+        summary.append([code(key), cell(spec.family), cell(spec.environment), cell(spec.functional), avail])
+        details.append([code(key), source_text(spec.source), cell(spec.training_data),
+                        cell(why) if ok is not None else "not checked"])
+    # two narrow tables instead of one seven-column table that overflows the page
+    return (md_table(["key", "family", "environment", "functional", "available"], summary)
+            + "\n\nWhere the weights and the training data come from, and why a model is or is not "
+              "available on the machine that built this page:\n\n"
+            + md_table(["key", "source", "training data", "availability"], details))
 
 
 def datasets_markdown(registry: Mapping) -> str:

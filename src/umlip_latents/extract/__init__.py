@@ -23,6 +23,7 @@ ADAPTERS = {
     "chgnet": "umlip_latents.extract.chgnet:ChgnetAdapter",
     "sevenn": "umlip_latents.extract.sevenn:SevennAdapter",
     "diep": "umlip_latents.extract.diep:DiepAdapter",
+    "pet": "umlip_latents.extract.pet:PetAdapter",
 }
 
 #: environment variable naming the environment this process runs in (set by the worker).

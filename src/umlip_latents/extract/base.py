@@ -168,6 +168,17 @@ def run_adapter(adapter: Adapter, structures: list, layer: str = "last", batch_s
     )
 
 
+def file_sha256(path) -> str:
+    """sha256 of a (checkpoint) file, read in 1 MiB chunks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def affine_probe(fn, dim: int, dtype, device) -> tuple[np.ndarray, float]:
     """Weights and bias of an affine map ``fn: (n, dim) -> (n,)`` read off by probing it.
 

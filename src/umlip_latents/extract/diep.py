@@ -51,7 +51,6 @@ exactly, so this is float32 noise, not a broken invariance.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +58,7 @@ import numpy as np
 from ..errors import ModelUnavailable, StructureError
 from ..features import Block, Readout
 from ..registry import ModelSpec
-from .base import Adapter
+from .base import Adapter, file_sha256
 
 #: files an exported DIEP model directory holds (``diep.pretrained``).
 _MODEL_FILES = ("model.json", "model.pt", "state.pt")
@@ -243,11 +242,7 @@ class DiepAdapter(Adapter):
 
     def checkpoint_sha256(self) -> str | None:
         """sha256 of ``state.pt`` (the weights) of the exported model."""
-        h = hashlib.sha256()
-        with open(self.path / "state.pt", "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest()
+        return file_sha256(self.path / "state.pt")
 
     def versions(self) -> dict:
         from importlib.metadata import PackageNotFoundError, version

@@ -44,14 +44,13 @@ Graphs take every neighbour closer than the cutoff (5 A; smooth XPLOR envelope f
 
 from __future__ import annotations
 
-import hashlib
 
 import numpy as np
 
 from ..errors import ModelUnavailable
 from ..features import Block, Readout
 from ..registry import ModelSpec, local_checkpoint
-from .base import Adapter, affine_probe
+from .base import Adapter, affine_probe, file_sha256
 
 #: module whose input is the "last" layer, and the module whose input is the "backbone".
 LAST_MODULE = "reduce_hidden_to_energy"
@@ -277,11 +276,7 @@ class SevennAdapter(Adapter):
     def checkpoint_sha256(self) -> str | None:
         """sha256 of the ``.pth`` checkpoint file."""
         if self._sha256 is None:
-            h = hashlib.sha256()
-            with open(self.path, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
-            self._sha256 = h.hexdigest()
+            self._sha256 = file_sha256(self.path)
         return self._sha256
 
     def versions(self) -> dict:

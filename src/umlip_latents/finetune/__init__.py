@@ -98,6 +98,24 @@ def split_structures(structures: list, fractions=(0.7, 0.15, 0.15), seed: int = 
     return {k: [structures[i] for i in idx] for k, idx in parts.items()}
 
 
+def within_training_elements(parts: dict[str, list]) -> tuple[dict[str, list], int]:
+    """Drop validation/test structures holding an element absent from ``parts["train"]``.
+
+    A bespoke model knows only the training split's elements (and a fine-tuned head was never
+    trained on the others), so every protocol is compared on structures all of them can
+    treat. Returns the new parts and the number of structures dropped.
+    """
+    known = {int(z) for a in parts["train"] for z in a.numbers}
+    out, dropped = {"train": list(parts["train"])}, 0
+    for name in ("valid", "test"):
+        out[name] = [a for a in parts[name] if set(int(z) for z in a.numbers) <= known]
+        dropped += len(parts[name]) - len(out[name])
+    if not out["valid"] or not out["test"]:
+        raise DatasetError("no validation or test structure is made only of the training split's elements; "
+                           "use more structures or another seed")
+    return out, dropped
+
+
 def check_training_data(structures: list, supported: set[int] | None = None, model: str = "the base model",
                         forces: bool = True) -> None:
     """Raise a clear error for data that cannot be trained on; return None when it can.
