@@ -37,3 +37,11 @@ def test_parameter_sets_only_set_declared_parameters():
     for params in sorted((paths.project_root() / "params").glob("*.yml")):
         unknown = set(yaml.safe_load(params.read_text())) - declared
         assert not unknown, f"{params.name} sets parameters no notebook declares: {sorted(unknown)}"
+
+
+def test_paper_panel_names_registered_models():
+    from umlip_latents.registry import load_registry
+
+    panel = yaml.safe_load((paths.project_root() / "params" / "paper.yml").read_text())["models"]
+    unknown = set(panel) - set(load_registry(derived=False))
+    assert not unknown, f"params/paper.yml names unregistered models: {sorted(unknown)}"
