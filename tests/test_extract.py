@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from conftest import offline_panel, transformed_variants
 
-from umlip_latents.checks import random_rotation
 from umlip_latents.errors import UnsupportedElement
 from umlip_latents.extract import extract_features
 from umlip_latents.registry import get_spec

@@ -18,7 +18,6 @@ import pytest
 from conftest import test_cache_dir as cache_dir  # aliased: pytest would collect test_*
 from conftest import transformed_variants
 
-from umlip_latents.checks import random_rotation
 from umlip_latents.errors import ModelUnavailable, UnsupportedElement
 from umlip_latents.extract import extract_features
 from umlip_latents.extract.worker import environment_python

@@ -1,0 +1,202 @@
+"""Every model against every model: the tidy reconstruction matrix."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from ._engine import (
+    _device,
+    _tensor,
+    _check_alphas,
+    _scale_split,
+    _Folds,
+    _offsets,
+    _global_errors,
+    _local_errors,
+    _rms,
+    RANDOM_STATE,
+    METRICS,
+)
+from .pair import _rbf_features, linear_cka
+
+
+# ---------------------------------------------------------------------------------------------
+# all pairs of models
+# ---------------------------------------------------------------------------------------------
+
+def _check_features(features) -> tuple[list, list, list]:
+    from ..features import FeatureSet
+
+    if not isinstance(features, Mapping) or not features:
+        raise TypeError("features must be a non-empty mapping model key -> FeatureSet or (n_atoms, D) array")
+    names, arrays, fsets = [], [], []
+    for key, f in features.items():
+        values = f.values if isinstance(f, FeatureSet) else np.asarray(f)
+        if values.ndim != 2:
+            raise ValueError(f"features[{key!r}] must be 2-D (n_atoms, D), got shape {values.shape}")
+        names.append(key)
+        arrays.append(values)
+        fsets.append(f if isinstance(f, FeatureSet) else None)
+    sizes = {k: len(a) for k, a in zip(names, arrays)}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"features are not aligned, n_atoms differ: {sizes}; extract every model on the "
+                         "same structures")
+    ref = next(((k, f) for k, f in zip(names, fsets) if f is not None), None)
+    for key, f in zip(names, fsets):
+        if f is None:
+            continue
+        if not np.array_equal(f.species, ref[1].species):
+            i = int(np.flatnonzero(f.species != ref[1].species)[0])
+            raise ValueError(f"features are not aligned: atom {i} is Z={f.species[i]} in {key!r} "
+                             f"but Z={ref[1].species[i]} in {ref[0]!r}")
+        if f.structure_ids and ref[1].structure_ids and f.structure_ids != ref[1].structure_ids:
+            raise ValueError(f"features are not aligned: {key!r} and {ref[0]!r} hold different structures")
+    return names, arrays, fsets
+
+
+def _labels(stratify, subsets, fsets, n: int):
+    if stratify is None:
+        return None
+    if isinstance(stratify, str):
+        if stratify != "subset":
+            raise ValueError(f"stratify must be None, 'subset' or a per-atom label array, got {stratify!r}")
+        if subsets is None:
+            fs = next((f for f in fsets if f is not None and f.subsets is not None), None)
+            if fs is None:
+                raise ValueError("stratify='subset' needs subsets=: labels per atom (n_atoms,) or per structure")
+            subsets = fs.atom_subsets()
+        stratify = subsets
+    labels = np.asarray(stratify)
+    fs = next((f for f in fsets if f is not None), None)
+    if len(labels) != n and fs is not None and len(labels) == fs.n_structures:
+        labels = labels[fs.structure_index]
+    if len(labels) != n:
+        raise ValueError(f"stratify labels have length {len(labels)}, expected n_atoms={n}")
+    return labels
+
+
+def split_indices(n: int, test_size=1000, stratify=None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded train/test split of ``n`` atoms, the one :func:`reconstruction_matrix` uses.
+
+    Parameters
+    ----------
+    test_size : int or float
+        Test atoms as a count, or as a fraction when a float below 1.
+    stratify : array of shape (n,), optional
+        Labels whose proportions both sides keep.
+
+    Returns
+    -------
+    train_idx, test_idx : int arrays
+    """
+    from sklearn.model_selection import train_test_split
+
+    n_test = int(round(test_size * n)) if isinstance(test_size, float) and test_size < 1 else int(test_size)
+    if not 1 <= n_test <= n - 2:
+        raise ValueError(f"test_size={test_size} leaves no room for a split of {n} atoms (need >= 2 training atoms)")
+    return train_test_split(np.arange(n), test_size=n_test, random_state=seed, shuffle=True, stratify=stratify)
+
+
+def _matrix_values(arrays, metrics, train_idx, test_idx, opts, dev) -> dict:
+    """``{(metric, source, target): value}`` on one split; models by position."""
+    widths = [a.shape[1] for a in arrays]
+    off = _offsets(widths)
+    train, test = np.empty((len(train_idx), off[-1])), np.empty((len(test_idx), off[-1]))
+    for i, a in enumerate(arrays):
+        train[:, off[i]:off[i + 1]], test[:, off[i]:off[i + 1]] = _scale_split(a, train_idx, test_idx,
+                                                                               f"features[{i}]")
+    scaled = [(train[:, lo:hi], test[:, lo:hi]) for lo, hi in zip(off[:-1], off[1:])]
+    train, test = _tensor(train, dev), _tensor(test, dev)
+    ridge = {k: opts[k] for k in ("alphas", "alpha_type")}
+    folds = _Folds(train, widths, opts["random_state"])
+    out = {}
+    for metric in metrics:
+        for s in range(len(arrays)):
+            Xtr, Xte = train[:, off[s]:off[s + 1]], test[:, off[s]:off[s + 1]]
+            if metric == "cka":  # on the test atoms
+                errs = [linear_cka(scaled[s][1], scaled[t][1]) for t in range(len(arrays))]
+            elif metric in ("gfre", "gfrd"):
+                errs = _global_errors(Xtr, Xte, folds, test, distortion=metric == "gfrd", **ridge)
+            elif metric == "lfre":
+                ks = [opts["n_local_points"] or min(widths[s], w) for w in widths]
+                errs = _local_errors(Xtr, Xte, train, test, widths, ks, batch_size=opts["batch_size"],
+                                     random_state=opts["random_state"], **ridge)
+            else:
+                F = _rbf_features(*scaled[s], None, opts["n_components"], opts["seed"])
+                errs = _global_errors(_tensor(F[0], dev), _tensor(F[1], dev), folds, test, **ridge)
+            for t, e in enumerate(errs):
+                out[metric, s, t] = e if metric == "cka" else _rms(e.cpu().numpy())
+    return out
+
+
+def reconstruction_matrix(features, metric="gfre", test_size=1000, stratify=None, seed=0, n_boot=0,
+                          device="auto", subsets=None, *, n_local_points=None, alphas=None,
+                          alpha_type="relative", random_state=RANDOM_STATE, n_components=1000,
+                          batch_size=None):
+    """Every model reconstructing every model (diagonal included), as a tidy table.
+
+    Parameters
+    ----------
+    features : mapping model key -> FeatureSet or array of shape (n_atoms, D_model)
+        Per-atom features of the same atoms in the same order: ``n_atoms`` (and, between
+        FeatureSets, ``species`` and ``structure_ids``) must agree.
+    metric : str or list of str
+        Any of ``"gfre"``, ``"gfrd"``, ``"lfre"``, ``"cka"`` (linear CKA on the test atoms)
+        and ``"nonlinear_gfre"``.
+    test_size : int or float
+        Test atoms as a count, or as a fraction when a float below 1; the rest train.
+    stratify : None, "subset" or array of shape (n_atoms,)
+        Labels that stratify the split (``"subset"``: the ``subsets`` labels).
+    seed : int
+        Seed of the train/test split.
+    n_boot : int
+        If > 0, the matrix is recomputed on ``n_boot`` re-drawn splits (seeds ``seed + 1``,
+        ``seed + 2``, ...) and ``ci_low``, ``ci_high`` are their 2.5 and 97.5 percentiles.
+    device : str
+        ``"auto"``, ``"cpu"`` or ``"cuda"``.
+    subsets : array of shape (n_atoms,) or (n_structures,), optional
+        Labels per atom (or, with FeatureSets, per structure) for ``stratify="subset"``.
+    n_local_points : int, optional
+        LFRE neighbours; default ``min(D_source, D_target)`` for each pair.
+    alphas, alpha_type, random_state
+        Ridge2FoldCV settings, as in :func:`pointwise_gfre`.
+    n_components : int
+        Nystroem landmarks of ``"nonlinear_gfre"``.
+    batch_size : int, optional
+        LFRE test atoms fitted together.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``source, target, metric, value, ci_low, ci_high``: ``source`` reconstructs
+        ``target``. ``attrs`` holds the split sizes and settings.
+    """
+    import pandas as pd
+
+    names, arrays, fsets = _check_features(features)
+    metrics = [metric] if isinstance(metric, str) else list(metric)
+    unknown = sorted(set(metrics) - set(METRICS))
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; choose from {METRICS}")
+    if n_local_points is not None and n_local_points < 2:
+        raise ValueError("n_local_points must be at least 2")
+    opts = dict(alphas=_check_alphas(alphas, alpha_type), alpha_type=alpha_type, random_state=random_state,
+                n_local_points=n_local_points, n_components=n_components, seed=seed, batch_size=batch_size)
+    n = len(arrays[0])
+    labels = _labels(stratify, subsets, fsets, n)
+    dev = _device(device)
+    train_idx, test_idx = split_indices(n, test_size, labels, seed)
+    values = _matrix_values(arrays, metrics, train_idx, test_idx, opts, dev)
+    boots = [_matrix_values(arrays, metrics, *split_indices(n, test_size, labels, seed + 1 + b), opts, dev)
+             for b in range(n_boot)]
+    rows = []
+    for (m, s, t), v in values.items():
+        lo, hi = np.percentile([b[m, s, t] for b in boots], [2.5, 97.5]) if boots else (np.nan, np.nan)
+        rows.append({"source": names[s], "target": names[t], "metric": m, "value": v, "ci_low": lo, "ci_high": hi})
+    df = pd.DataFrame(rows, columns=["source", "target", "metric", "value", "ci_low", "ci_high"])
+    df.attrs.update(n_train=len(train_idx), n_test=len(test_idx), seed=seed, n_boot=n_boot, device=str(dev),
+                    test_size=test_size, n_local_points=n_local_points, alpha_type=alpha_type,
+                    alphas=opts["alphas"].tolist())
+    return df
