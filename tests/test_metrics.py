@@ -167,6 +167,18 @@ def test_reconstruction_matrix_direction_and_layout():
     tr, te = metrics.split_indices(400, 100, None, 0)
     assert g["other", "big"] == pytest.approx(metrics.gfre(other, big.astype(np.float32), tr, te, device="cpu"),
                                               rel=1e-10)
+    # every measure, every ordered pair: the matrix (training rows in fold order for the global
+    # fits, one buffer per pass) equals the pair functions on the same split
+    arrays = {"small": small.astype(np.float32), "big": big.astype(np.float32), "other": other}
+    pair = {"gfre": metrics.gfre, "gfrd": metrics.gfrd,
+            "lfre": lambda X, Y, *a, **k: metrics.lfre(X, Y, *a, n_local_points=40, **k),
+            "nonlinear_gfre": lambda X, Y, *a, **k: metrics.nonlinear_gfre(X, Y, *a, n_components=200, **k)}
+    table = df.set_index(["metric", "source", "target"]).value
+    for m, fn in pair.items():
+        for s in arrays:
+            for t in arrays:
+                assert table[m, s, t] == pytest.approx(fn(arrays[s], arrays[t], tr, te, device="cpu"),
+                                                       rel=1e-8, abs=1e-12), (m, s, t)
     assert df[["ci_low", "ci_high"]].isna().all().all()
     c = df[df.metric == "cka"].set_index(["source", "target"]).value
     assert c["small", "big"] == pytest.approx(c["big", "small"]) and c["big", "big"] == pytest.approx(1.0)

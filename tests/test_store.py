@@ -58,6 +58,30 @@ def test_changed_input_recomputes(tmp_path, structures):
     assert fs.n_structures == len(moved)
 
 
+def test_skip_entry_is_not_served_to_raise_and_labels_are_keyed(tmp_path, structures):
+    """An entry that skipped structures must not hide the error a 'raise' caller asked for;
+    relabelled structures (new subset or energy) rewrite the stored index."""
+    from umlip_latents.errors import UnsupportedElement
+    from ase import Atoms
+
+    odd = Atoms("Og2", positions=[[0, 0, 0], [2.5, 0, 0]], cell=[8, 8, 8], pbc=True)
+    odd.info["structure_id"] = "oganesson-dimer"
+    mixed = list(structures[:3]) + [odd]
+    ex = Counting()
+    skipped = get_features("t", MODEL, structures=mixed, store=tmp_path, extract=ex, device="cpu",
+                           on_unsupported="skip")
+    assert skipped.n_structures == 3 and ex.calls == 1
+    with pytest.raises(UnsupportedElement, match="oganesson-dimer"):
+        get_features("t", MODEL, structures=mixed, store=tmp_path, extract=ex, device="cpu")
+    relabelled = [a.copy() for a in structures[:3]]
+    relabelled[0].info["subset"] = "relabelled"
+    get_features("t", MODEL, structures=structures[:3], store=tmp_path, extract=ex, device="cpu")
+    calls = ex.calls
+    fs = get_features("t", MODEL, structures=relabelled, store=tmp_path, extract=ex, device="cpu")
+    assert ex.calls == calls + 1
+    assert "relabelled" in set(fs.subsets)
+
+
 def test_killed_run_resumes_and_matches_uninterrupted(tmp_path, structures):
     ex = Counting(fail_on=3)
     with pytest.raises(KeyboardInterrupt):

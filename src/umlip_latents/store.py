@@ -57,20 +57,38 @@ def family_versions(spec: ModelSpec) -> dict:
     return {package: None}
 
 
-def cache_key(spec: ModelSpec, layer: str, structures_sha: str, device: str) -> str:
-    """sha256 over every input that can change the features."""
+def cache_key(spec: ModelSpec, layer: str, structures_sha: str, device: str, on_unsupported: str = "raise",
+              labels_sha: str | None = None) -> str:
+    """sha256 over every input that can change the entry: the features and the labels stored beside them.
+
+    ``on_unsupported`` is part of it, so an entry that skipped structures is never served to a
+    caller who asked for an error; ``labels_sha`` (:func:`labels_hash`) covers the ids, subsets
+    and DFT labels written to the entry's index.
+    """
     ckpt = local_checkpoint(spec)
     payload = {
         "format": FORMAT_VERSION,
         "spec": spec.to_dict(),
         "layer": layer,
         "structures": structures_sha,
+        "labels": labels_sha,
+        "on_unsupported": on_unsupported,
         "device": device.split(":")[0],
         "umlip_latents": _package_version("umlip-latents"),
         "family": family_versions(spec),
         "checkpoint": _file_identity(ckpt) if ckpt else None,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def labels_hash(structures) -> str:
+    """sha256 over each structure's id, dataset, subset and DFT energy (the labels an entry stores)."""
+    digest = hashlib.sha256()
+    for atoms in structures:
+        info = atoms.info
+        labels = [info.get("structure_id"), info.get("dataset"), info.get("subset"), info.get("energy")]
+        digest.update(json.dumps(labels, default=str).encode())
+    return digest.hexdigest()
 
 
 def _file_identity(path: Path) -> dict:
@@ -212,7 +230,7 @@ def get_features(dataset: str, model: str | ModelSpec, layer: str = "last", *, s
     label = dataset_label(dataset, limit, seed)
     folder = entry_dir(label, spec.key, layer, store)
     sha = structures_hash(structures)
-    key = cache_key(spec, layer, sha, device)
+    key = cache_key(spec, layer, sha, device, on_unsupported, labels_hash(structures))
     if folder.exists() and not recompute:
         try:
             if json.loads((folder / "meta.json").read_text()).get("cache_key") == key:

@@ -164,16 +164,27 @@ def _best_alphas(losses, scaled, widths):
     return torch.gather(scaled, 1, torch.argmin(loss, dim=1))
 
 
-class _Folds:
-    """Training targets, rows reordered as CV fold 1 then fold 2 (the same for every source)."""
+def fold_order(n: int, random_state) -> tuple[np.ndarray, int]:
+    """Row order that puts ``Ridge2FoldCV``'s CV fold 1 before fold 2, and the size of fold 1."""
+    f1, f2 = _kfold(n, random_state)
+    return np.concatenate([f1, f2]), len(f1)
 
-    def __init__(self, Y, widths, random_state):
+
+class _Folds:
+    """Training targets, rows reordered as CV fold 1 then fold 2 (the same for every source).
+
+    ``presorted=True`` says that ``Y`` (and every source given with these folds) already has
+    its rows in :func:`fold_order`: the folds are then views, not copies, which is what keeps
+    the full matrix of many models within memory.
+    """
+
+    def __init__(self, Y, widths, random_state, presorted: bool = False):
         import torch
 
-        f1, f2 = _kfold(len(Y), random_state)
-        self.order = torch.as_tensor(np.concatenate([f1, f2]), device=Y.device)
-        self.slices = [slice(0, len(f1)), slice(len(f1), len(Y))]
-        Y = Y[self.order]
+        order, n1 = fold_order(len(Y), random_state)
+        self.order = None if presorted else torch.as_tensor(order, device=Y.device)
+        self.slices = [slice(0, n1), slice(n1, len(Y))]
+        Y = Y if presorted else Y[self.order]
         self.Y = [Y[sl] for sl in self.slices]
         self.yy = [torch.linalg.vector_norm(y, dim=0) ** 2 for y in self.Y]
         self.widths = list(widths)
@@ -191,7 +202,7 @@ class _GlobalRidge:
         import torch
 
         n, dim = X.shape
-        X = X[folds.order]
+        X = X if folds.order is None else X[folds.order]
         QR = [torch.linalg.qr(X[sl]) for sl in folds.slices]
         QtY = [q.T @ y for (q, _), y in zip(QR, folds.Y)]
         svd = [torch.linalg.svd(r, full_matrices=False) for _, r in QR]

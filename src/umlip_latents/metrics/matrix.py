@@ -12,6 +12,7 @@ from ._engine import (
     _check_alphas,
     _scale_split,
     _Folds,
+    fold_order,
     _offsets,
     _global_errors,
     _local_errors,
@@ -99,36 +100,73 @@ def split_indices(n: int, test_size=1000, stratify=None, seed: int = 0) -> tuple
     return train_test_split(np.arange(n), test_size=n_test, random_state=seed, shuffle=True, stratify=stratify)
 
 
-def _matrix_values(arrays, metrics, train_idx, test_idx, opts, dev) -> dict:
-    """``{(metric, source, target): value}`` on one split; models by position."""
-    widths = [a.shape[1] for a in arrays]
-    off = _offsets(widths)
+#: metrics fitted by one global ridge per source, on training rows kept in CV-fold order
+_GLOBAL = ("gfre", "gfrd", "nonlinear_gfre")
+
+
+def _scaled_blocks(arrays, train_idx, test_idx, row_order=None) -> tuple[np.ndarray, np.ndarray]:
+    """Every model's scaled train and test rows side by side (float64), train rows in ``row_order``.
+
+    One model is upcast at a time, so besides the float32 inputs the peak is this pair of
+    buffers plus one model's float64 copy.
+    """
+    off = _offsets([a.shape[1] for a in arrays])
     train, test = np.empty((len(train_idx), off[-1])), np.empty((len(test_idx), off[-1]))
     for i, a in enumerate(arrays):
-        train[:, off[i]:off[i + 1]], test[:, off[i]:off[i + 1]] = _scale_split(a, train_idx, test_idx,
-                                                                               f"features[{i}]")
-    scaled = [(train[:, lo:hi], test[:, lo:hi]) for lo, hi in zip(off[:-1], off[1:])]
-    train, test = _tensor(train, dev), _tensor(test, dev)
+        tr, te = _scale_split(a, train_idx, test_idx, f"features[{i}]")
+        train[:, off[i]:off[i + 1]] = tr if row_order is None else tr[row_order]
+        test[:, off[i]:off[i + 1]] = te
+        del tr, te
+    return train, test
+
+
+def _matrix_values(arrays, metrics, train_idx, test_idx, opts, dev) -> dict:
+    """``{(metric, source, target): value}`` on one split; models by position.
+
+    The global fits see the training rows in CV-fold order (so the folds are views of one
+    buffer); LFRE and CKA see them in the split's order, which keeps LFRE's neighbour ties as
+    skmatter has them. The two buffers never live at the same time.
+    """
+    widths = [a.shape[1] for a in arrays]
+    off = _offsets(widths)
+    blocks = list(zip(off[:-1], off[1:]))
     ridge = {k: opts[k] for k in ("alphas", "alpha_type")}
-    folds = _Folds(train, widths, opts["random_state"])
     out = {}
-    for metric in metrics:
-        for s in range(len(arrays)):
-            Xtr, Xte = train[:, off[s]:off[s + 1]], test[:, off[s]:off[s + 1]]
-            if metric == "cka":  # on the test atoms
-                errs = [linear_cka(scaled[s][1], scaled[t][1]) for t in range(len(arrays))]
-            elif metric in ("gfre", "gfrd"):
+    glob = [m for m in metrics if m in _GLOBAL]
+    if glob:
+        order, _ = fold_order(len(train_idx), opts["random_state"])
+        train_np, test_np = _scaled_blocks(arrays, train_idx, test_idx, order)
+        train, test = _tensor(train_np, dev), _tensor(test_np, dev)
+        folds = _Folds(train, widths, opts["random_state"], presorted=True)
+        inverse = np.argsort(order)
+        for metric in glob:
+            for s, (lo, hi) in enumerate(blocks):
+                if metric == "nonlinear_gfre":  # landmarks drawn from the rows in the split's order
+                    F = _rbf_features(train_np[inverse, lo:hi], test_np[:, lo:hi], None, opts["n_components"],
+                                      opts["seed"])
+                    Xtr, Xte = _tensor(F[0][order], dev), _tensor(F[1], dev)
+                else:
+                    Xtr, Xte = train[:, lo:hi], test[:, lo:hi]
                 errs = _global_errors(Xtr, Xte, folds, test, distortion=metric == "gfrd", **ridge)
-            elif metric == "lfre":
+                for t, e in enumerate(errs):
+                    out[metric, s, t] = _rms(e.cpu().numpy())
+        del train_np, test_np, train, test, folds
+    local = [m for m in metrics if m not in _GLOBAL]
+    if local:
+        train_np, test_np = _scaled_blocks(arrays, train_idx, test_idx)
+        train, test = _tensor(train_np, dev), _tensor(test_np, dev)
+        for metric in local:
+            for s, (lo, hi) in enumerate(blocks):
+                if metric == "cka":  # on the test atoms
+                    for t, (lo2, hi2) in enumerate(blocks):
+                        out[metric, s, t] = linear_cka(test_np[:, lo:hi], test_np[:, lo2:hi2])
+                    continue
                 ks = [opts["n_local_points"] or min(widths[s], w) for w in widths]
-                errs = _local_errors(Xtr, Xte, train, test, widths, ks, batch_size=opts["batch_size"],
-                                     random_state=opts["random_state"], **ridge)
-            else:
-                F = _rbf_features(*scaled[s], None, opts["n_components"], opts["seed"])
-                errs = _global_errors(_tensor(F[0], dev), _tensor(F[1], dev), folds, test, **ridge)
-            for t, e in enumerate(errs):
-                out[metric, s, t] = e if metric == "cka" else _rms(e.cpu().numpy())
-    return out
+                errs = _local_errors(train[:, lo:hi], test[:, lo:hi], train, test, widths, ks,
+                                     batch_size=opts["batch_size"], random_state=opts["random_state"], **ridge)
+                for t, e in enumerate(errs):
+                    out[metric, s, t] = _rms(e.cpu().numpy())
+    return {key: out[key] for key in sorted(out, key=lambda k: (metrics.index(k[0]), k[1], k[2]))}
 
 
 def reconstruction_matrix(features, metric="gfre", test_size=1000, stratify=None, seed=0, n_boot=0,
