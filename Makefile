@@ -47,10 +47,20 @@ smoke-notebooks: setup
 
 run: extract notebooks
 
+# what git sees (tracked changes and files neither tracked nor ignored), before and after a target:
+# `make test` and `make book` must leave it as they found it (generated output is git-ignored)
+TREE_STATE = git status --porcelain --untracked-files=all 2>/dev/null
+TREE_BEFORE = .cache/tree-before-$@
+define tree_unchanged
+	@$(TREE_STATE) | diff $(TREE_BEFORE) - || { echo "make $@ changed what git sees (diff above): generated output must be git-ignored"; exit 1; }
+endef
+
 test: setup
+	@mkdir -p .cache && $(TREE_STATE) > $(TREE_BEFORE)
 	$(VENV)/bin/python -m pytest -q --durations=15 tests
 	$(VENV)/bin/python -m pytest -q --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg notebooks
 	$(MAKE) --no-print-directory test-browser
+	$(tree_unchanged)
 
 benchmark: setup
 	mkdir -p benchmarks/results
@@ -69,8 +79,10 @@ BOOK_JS_PACKAGES := mathjax@3.2.2 pako@2.0.4
 BOOK_JS_STAMP := $(BOOK_JS)/.stamp-$(shell echo $(BOOK_JS_PACKAGES) | tr ' @' '+-')
 
 book: setup
+	@mkdir -p .cache && $(TREE_STATE) > $(TREE_BEFORE)
 	$(MAKE) --no-print-directory book-notebooks
 	$(MAKE) --no-print-directory book-html
+	$(tree_unchanged)
 
 book-notebooks: setup
 	$(VENV)/bin/umlip-latents datasets fetch
@@ -95,5 +107,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 test-browser: setup book-js
 	test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { $(SUDO) apt-get update && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends $(CHROMIUM_PACKAGES); }
+	test -f book/_generated/chemiscope-pooling.json.gz || $(VENV)/bin/umlip-latents notebooks \
+	  notebooks/04-cumulant-pooling.ipynb --params params/smoke.yml --out .cache/smoke-runs
 	$(MAKE) --no-print-directory book-html BOOK_NOTEBOOKS=notebooks
 	$(VENV)/bin/python -m pytest -q -m browser tests/browser

@@ -35,7 +35,29 @@ def versions(packages=PACKAGES) -> dict:
     return out
 
 
+def environment_versions(models) -> dict:
+    """``{environment: {package: version}}`` of the models that run outside the main environment."""
+    from .errors import ModelUnavailable
+    from .registry import get_spec
+    from .store import family_versions
+
+    out: dict = {}
+    for key in models or []:
+        try:
+            spec = get_spec(key)
+        except ModelUnavailable:
+            continue  # e.g. a model built in the notebook itself: it runs in this environment
+        if spec.environment != "main":
+            out.setdefault(spec.environment, {}).update(family_versions(spec))
+    return out
+
+
 def provenance(parameters: dict, models: list | None = None, extra_envs: dict | None = None) -> dict:
-    """Everything needed to say which code, packages, parameters and models made a result."""
+    """Everything needed to say which code, packages, parameters and models made a result.
+
+    ``family_environments`` holds the versions of the packages of models that ran in another
+    environment (read from that environment), unless ``extra_envs`` gives them.
+    """
     return {"git_commit": git_commit(), "versions": versions(), "parameters": parameters,
-            "models": list(models or []), "family_environments": extra_envs or {}}
+            "models": list(models or []),
+            "family_environments": environment_versions(models) if extra_envs is None else extra_envs}
