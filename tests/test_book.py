@@ -129,6 +129,29 @@ def test_params_file_is_found_by_its_values():
     values = yaml.safe_load(smoke.read_text())
     assert book.params_file_for(values, smoke.parent) == smoke
     assert book.params_file_for({**values, "limit": -1}, smoke.parent) is None
+    # a notebook receives only the parameters it declares: a subset still names its file
+    assert book.params_file_for({"limit": values["limit"], "ft_limit": values["ft_limit"]}, smoke.parent) == smoke
+    assert book.params_file_for({"limit": values["limit"], "not_a_parameter": 1}, smoke.parent) is None
+
+
+def test_each_notebook_receives_only_its_declared_parameters(tmp_path):
+    import json
+
+    from umlip_latents.notebooks import run_notebook
+
+    nb = {"cells": [{"cell_type": "code", "metadata": {"tags": ["parameters"]}, "execution_count": None,
+                     "outputs": [], "source": "limit = 1\nseed = 0"},
+                    {"cell_type": "code", "metadata": {}, "execution_count": None, "outputs": [],
+                     "source": "print(limit, seed, 'lr' in dir())"}],
+          "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+          "nbformat": 4, "nbformat_minor": 5}
+    src, params = tmp_path / "nb.ipynb", tmp_path / "p.yml"
+    src.write_text(json.dumps(nb))
+    params.write_text("limit: 5\nlr: 0.1\n")
+    out = json.loads(run_notebook(src, tmp_path / "out.ipynb", params).read_text())
+    injected = next(c for c in out["cells"] if "injected-parameters" in c["metadata"].get("tags", []))
+    assert "limit = 5" in "".join(injected["source"]) and "lr" not in "".join(injected["source"])
+    assert "5 0 False" in "".join(out["cells"][-1]["outputs"][0]["text"])
 
 
 def test_chapter_names_notebook_and_parameters_and_embeds_chemiscope():

@@ -229,11 +229,15 @@ def read_benchmarks(folder: str | Path) -> dict[str, dict]:
 # ---------------------------------------------------------------------------------------------
 
 def params_file_for(parameters: Mapping, params_dir: str | Path) -> Path | None:
-    """The ``params/*.yml`` file whose values are exactly ``parameters``, if one is."""
+    """The ``params/*.yml`` file that holds exactly these values for these parameters, if one does.
+
+    A notebook receives only the parameters it declares, so the file may hold more.
+    """
     import yaml
 
     for path in sorted(Path(params_dir).glob("*.yml")):
-        if (yaml.safe_load(path.read_text()) or {}) == dict(parameters):
+        values = yaml.safe_load(path.read_text()) or {}
+        if parameters and all(k in values and values[k] == v for k, v in parameters.items()):
             return path
     return None
 

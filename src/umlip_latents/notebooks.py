@@ -42,10 +42,15 @@ def relativise_outputs(path: str | os.PathLike, root: str | os.PathLike | None =
 
 def run_notebook(notebook: str | os.PathLike, output: str | os.PathLike, params_file: str | os.PathLike,
                  kernel: str = "python3") -> Path:
-    """Execute ``notebook`` with the parameters of a ``params/*.yml`` file into ``output``."""
+    """Execute ``notebook`` with the parameters of a ``params/*.yml`` file into ``output``.
+
+    A params file serves every notebook; each gets the values of the parameters it declares.
+    """
     import papermill
 
     params = yaml.safe_load(Path(params_file).read_text()) or {}
+    declared = papermill.inspect_notebook(str(notebook))
+    params = {k: v for k, v in params.items() if k in declared}
     notebook, output = Path(notebook), Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     papermill.execute_notebook(str(notebook), str(output), parameters=params, kernel_name=kernel,
