@@ -139,9 +139,9 @@ def test_each_notebook_receives_only_its_declared_parameters(tmp_path):
 
     from umlip_latents.notebooks import run_notebook
 
-    nb = {"cells": [{"cell_type": "code", "metadata": {"tags": ["parameters"]}, "execution_count": None,
+    nb = {"cells": [{"cell_type": "code", "id": "params", "metadata": {"tags": ["parameters"]}, "execution_count": None,
                      "outputs": [], "source": "limit = 1\nseed = 0"},
-                    {"cell_type": "code", "metadata": {}, "execution_count": None, "outputs": [],
+                    {"cell_type": "code", "id": "print", "metadata": {}, "execution_count": None, "outputs": [],
                      "source": "print(limit, seed, 'lr' in dir())"}],
           "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
           "nbformat": 4, "nbformat_minor": 5}
