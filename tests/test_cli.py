@@ -24,7 +24,7 @@ def test_extract_writes_store_and_prints_summary(capsys, tmp_path, monkeypatch):
     assert main(["extract", "--dataset", "mpf-alkali-tp", "--model", "chgnet-0.3.0", "--limit", "4",
                  "--device", "cpu", "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "4 structures" in out and "D=64" in out
+    assert "4 structures" in out and "D=64" in out and "structures/s)" in out
     assert (tmp_path / "mpf-alkali-tp-n4-s0" / "chgnet-0.3.0" / "last" / "values.npy").exists()
 
 

@@ -98,7 +98,8 @@ def _extract(args) -> int:
     dt = time.perf_counter() - t0
     skipped = len(fs.meta.get("extraction", {}).get("skipped", []))
     print(f"{args.model} {args.layer}: {fs.n_structures} structures, {fs.n_atoms} atoms (of {total}), "
-          f"D={fs.dim}, {dt:.1f} s, skipped {skipped} -> {fs.meta.get('dataset_label')}")
+          f"D={fs.dim}, {dt:.1f} s ({len(structures) / max(dt, 1e-9):.1f} structures/s), skipped {skipped} "
+          f"-> {fs.meta.get('dataset_label')}")
     return 0
 
 
