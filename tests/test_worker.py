@@ -18,6 +18,20 @@ def test_structures_travel_exactly(tmp_path, crystals):
         assert a.positions.tobytes() == b.positions.tobytes()
         assert (a.numbers == b.numbers).all() and (a.pbc == b.pbc).all()
         assert a.info["structure_id"] == b.info["structure_id"]
+        assert "charge" not in b.info and "spin" not in b.info  # absent stays absent: the model's default
+
+
+def test_charge_and_spin_travel_and_key_the_store(tmp_path, crystals):
+    from umlip_latents.datasets import structures_hash
+
+    ions = [a.copy() for a in crystals[:2]]
+    ions[0].info.update(charge=-1, spin=2)
+    ions[1].info.update(charge=0.5)
+    pack_structures(ions, tmp_path / "s.npz")
+    back = unpack_structures(tmp_path / "s.npz")
+    assert (back[0].info["charge"], back[0].info["spin"]) == (-1, 2)
+    assert back[1].info["charge"] == 0.5 and "spin" not in back[1].info
+    assert structures_hash(ions) != structures_hash(crystals[:2])
 
 
 def test_missing_environment_says_how_to_make_it(crystals):

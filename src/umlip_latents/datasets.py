@@ -255,9 +255,12 @@ def load_dataset(name_or_path: str | os.PathLike, limit: int | None = None, seed
 
 
 def structures_hash(structures) -> str:
-    """sha256 over numbers, positions, cell and pbc of every structure, in order."""
+    """sha256 over numbers, positions, cell, pbc and (where given) total charge and spin, in order."""
     digest = hashlib.sha256()
     for atoms in structures:
+        for key in ("charge", "spin"):
+            if key in atoms.info:
+                digest.update(f"{key}={atoms.info[key]}".encode())
         digest.update(np.asarray(atoms.numbers, dtype=np.int64).tobytes())
         digest.update(np.ascontiguousarray(atoms.positions, dtype=np.float64).tobytes())
         digest.update(np.ascontiguousarray(atoms.cell.array, dtype=np.float64).tobytes())

@@ -33,7 +33,7 @@ def environment_python(name: str) -> Path:
 
 
 def pack_structures(structures: list, path: Path) -> None:
-    """Save numbers, positions, cells, pbc and ids exactly (npz)."""
+    """Save numbers, positions, cells, pbc, ids and total charge/spin (NaN: not given) exactly (npz)."""
     n = np.array([len(a) for a in structures], dtype=np.int64)
     np.savez(
         path,
@@ -43,6 +43,8 @@ def pack_structures(structures: list, path: Path) -> None:
         cells=np.array([a.cell.array for a in structures]).reshape(-1, 3, 3),
         pbc=np.array([a.pbc for a in structures], dtype=bool).reshape(-1, 3),
         ids=np.array([str(a.info.get("structure_id", f"#{i}")) for i, a in enumerate(structures)]),
+        charge=np.array([float(a.info.get("charge", np.nan)) for a in structures], dtype=np.float64),
+        spin=np.array([float(a.info.get("spin", np.nan)) for a in structures], dtype=np.float64),
     )
 
 
@@ -55,6 +57,10 @@ def unpack_structures(path: Path) -> list:
         atoms = Atoms(numbers=d["numbers"][start:start + n], positions=d["positions"][start:start + n],
                       cell=d["cells"][i], pbc=d["pbc"][i])
         atoms.info["structure_id"] = str(d["ids"][i])
+        for key in ("charge", "spin"):  # only what the caller gave (models such as UMA's omol read them)
+            if key in d.files and not np.isnan(d[key][i]):
+                value = float(d[key][i])
+                atoms.info[key] = int(value) if value.is_integer() else value
         out.append(atoms)
         start += n
     return out
