@@ -24,6 +24,7 @@ ADAPTERS = {
     "sevenn": "umlip_latents.extract.sevenn:SevennAdapter",
     "diep": "umlip_latents.extract.diep:DiepAdapter",
     "pet": "umlip_latents.extract.pet:PetAdapter",
+    "uma": "umlip_latents.extract.uma:UmaAdapter",
 }
 
 #: environment variable naming the environment this process runs in (set by the worker).
