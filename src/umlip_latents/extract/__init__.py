@@ -25,6 +25,7 @@ ADAPTERS = {
     "diep": "umlip_latents.extract.diep:DiepAdapter",
     "pet": "umlip_latents.extract.pet:PetAdapter",
     "uma": "umlip_latents.extract.uma:UmaAdapter",
+    "dpa": "umlip_latents.extract.dpa:DpaAdapter",
 }
 
 #: environment variable naming the environment this process runs in (set by the worker).
