@@ -9,7 +9,7 @@
 PYTHON ?= python3.11
 VENV   := .venv
 ENVS   ?= .envs
-FAMILY_ENVS := sevenn pet uma dpa
+FAMILY_ENVS := sevenn pet uma dpa mattersim orb
 PARAMS ?= params/default.yml
 PANEL  := chgnet-0.3.0 chgnet-0.2.0 chgnet-r2scan diep sevennet-0 sevennet-0-22may2024 sevennet-l3i5 sevennet-mf-0
 PY := $(VENV)/bin/python

@@ -16,7 +16,7 @@ import yaml
 from . import paths
 from .errors import ModelUnavailable, RegistryError
 
-FAMILIES = ("mace", "chgnet", "sevenn", "diep", "pet", "uma", "dpa")
+FAMILIES = ("mace", "chgnet", "sevenn", "diep", "pet", "uma", "dpa", "mattersim", "orb")
 SOURCE_KINDS = ("wheel", "loader", "local")
 LAYERS = ("last", "backbone")
 REQUIRED = ("key", "family", "environment", "source", "training_data", "functional", "layers")

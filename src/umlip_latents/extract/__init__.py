@@ -26,6 +26,8 @@ ADAPTERS = {
     "pet": "umlip_latents.extract.pet:PetAdapter",
     "uma": "umlip_latents.extract.uma:UmaAdapter",
     "dpa": "umlip_latents.extract.dpa:DpaAdapter",
+    "mattersim": "umlip_latents.extract.mattersim:MattersimAdapter",
+    "orb": "umlip_latents.extract.orb:OrbAdapter",
 }
 
 #: environment variable naming the environment this process runs in (set by the worker).

@@ -1,0 +1,153 @@
+"""The ORB adapter (``orb`` environment) on a small ORB v3 built here, and its registered checkpoints.
+
+The model is a randomly initialised ORB v3 direct regressor (orb-models' own architecture
+builder, seeded, small sizes, up to 120 neighbours), saved as a state dict, read back with
+orb-models' ``load_model`` and cached across sessions. ORB's energy head is graph-level, so
+the "last" features are a structure-level vector broadcast to the atoms plus the pair
+repulsion per atom. ORB is not rotationally constrained, so rotation is checked to *change*
+the features, while translation, permutation and supercells leave them unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+from conftest import test_cache_dir as cache_dir  # aliased: pytest would collect test_*
+from conftest import transformed_variants
+
+from umlip_latents.errors import ModelUnavailable, UnsupportedElement
+from umlip_latents.extract import extract_features
+from umlip_latents.extract.worker import environment_python
+from umlip_latents.registry import ModelSpec, load_registry
+
+RECIPE = dict(seed=0, architecture="orb_v3_direct_architecture", latent_dim=16, base_mlp_hidden_dim=32,
+              base_mlp_depth=1, head_mlp_hidden_dim=16, head_mlp_depth=1, num_message_passing_steps=2)
+TOL = 1e-5
+
+
+def _env(extra=None):
+    return dict(os.environ, UMLIP_LATENTS_ENV="orb", **(extra or {}))
+
+
+@pytest.fixture(scope="module")
+def test_orb() -> ModelSpec:
+    """A small random ORB v3 saved in the orb environment, cached across sessions."""
+    key = hashlib.sha256(json.dumps(RECIPE, sort_keys=True).encode()).hexdigest()[:12]
+    path = cache_dir() / f"orb-{key}" / "test-orb.ckpt"
+    options = path.with_suffix(".json")
+    if not (path.exists() and options.exists()):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        script = ("import json, sys\nfrom umlip_latents.extract.orb import build_random_orb\n"
+                  "print(json.dumps(build_random_orb(sys.argv[1], **json.loads(sys.argv[2]))))\n")
+        proc = subprocess.run([str(environment_python("orb")), "-c", script, str(path), json.dumps(RECIPE)],
+                              check=True, capture_output=True, text=True, env=_env())
+        options.write_text(proc.stdout.strip().splitlines()[-1])
+    return ModelSpec(key="test-orb", family="orb", environment="orb", source={"kind": "local", "path": str(path)},
+                     training_data="none (random weights, built in the test session)", functional="none",
+                     layers={"last": "energy head hidden layer (pooled) + repulsion", "backbone": "node features"},
+                     description="small random ORB v3 for tests; not a foundation model",
+                     options=json.loads(options.read_text()))
+
+
+@pytest.fixture(scope="module")
+def features(test_orb, crystals):
+    cache = {}
+
+    def get(layer, batch_size=None):
+        if (layer, batch_size) not in cache:
+            structures, maps = transformed_variants(crystals)
+            cache[layer, batch_size] = (extract_features(test_orb, structures, layer=layer, device="cpu",
+                                                         batch_size=batch_size), maps)
+        return cache[layer, batch_size]
+
+    return get
+
+
+def _rel(got, ref):
+    return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+
+
+def _reread_error(fs):
+    return np.abs(fs.reread_energy() - fs.energy) / np.bincount(fs.structure_index)
+
+
+def test_energy_reread_from_last_layer(features, test_orb):
+    fs, _ = features("last")
+    err = _reread_error(fs)
+    assert err.max() <= TOL, f"energy re-read error {err.max():.2e} eV/atom"
+    shifted = fs.readout.atom_energies(fs.values + 0.1, fs.species)
+    assert not np.allclose(np.bincount(fs.structure_index, shifted), fs.energy, atol=1e-3)
+    # the structure-level block is the same for every atom of a structure
+    for k in range(3):
+        rows = fs.values[fs.structure_index == k, :-1]
+        assert np.abs(rows - rows[0]).max() == 0.0
+    # compressed crystals: the ZBL repulsion is on, and its column carries it exactly
+    from ase.build import bulk
+
+    squeezed = [bulk("Cu", "fcc", a=2.9), bulk("NaCl", "rocksalt", a=4.2).repeat((1, 1, 2))]
+    for i, atoms in enumerate(squeezed):
+        atoms.rattle(stdev=0.02, seed=i)
+        atoms.info["structure_id"] = f"squeezed-{i}"
+    hard = extract_features(test_orb, squeezed, layer="last", device="cpu")
+    assert (hard.values[:, -1] > 1e-3).all()
+    err = _reread_error(hard)
+    assert err.max() <= TOL, f"energy re-read error with repulsion {err.max():.2e} eV/atom"
+
+
+@pytest.mark.parametrize("layer", ["last", "backbone"])
+def test_invariances(layer, features):
+    fs, maps = features(layer)
+    assert fs.values.dtype == np.float32 and np.isfinite(fs.values).all()
+    assert fs.blocks[0].start == 0 and fs.blocks[-1].stop == fs.dim
+    rows = lambda k: fs.values[fs.structure_index == k].astype(np.float64)  # noqa: E731
+    for kind, base, k, idx in maps:
+        err = _rel(rows(k), rows(base)[idx])
+        if kind in ("nudged", "rotated"):
+            # ORB is not rotationally constrained: a rotation changes the features like a real move
+            assert err >= 3 * TOL, f"{layer}: {kind} structure {base} changes the features by only {err:.2e}"
+        else:
+            assert err <= TOL, f"{layer}: {kind} structure {base} differs by {err:.2e} (relative)"
+
+
+@pytest.mark.parametrize("layer", ["last", "backbone"])
+def test_batched_equals_single(layer, features):
+    batched, _ = features(layer)
+    single, _ = features(layer, batch_size=1)
+    assert _rel(single.values.astype(np.float64), batched.values.astype(np.float64)) <= TOL
+    np.testing.assert_allclose(batched.energy, single.energy, rtol=0, atol=1e-4)
+
+
+def test_unsupported_element_names_element_structure_model(test_orb, crystals):
+    from ase import Atoms
+
+    bad = Atoms("OgH", positions=[[0, 0, 0], [0, 0, 1.5]], cell=[8, 8, 8], pbc=True)
+    bad.info["structure_id"] = "bad-structure-42"
+    with pytest.raises(UnsupportedElement) as err:
+        extract_features(test_orb, [crystals[0], bad], device="cpu")
+    msg = str(err.value)
+    assert "Og" in msg and "bad-structure-42" in msg and "test-orb" in msg
+
+
+def test_registered_checkpoints_offline_say_how_to_fix(monkeypatch, tmp_path, crystals):
+    """Every registered ORB is an orb-models loader entry; offline each raises ModelUnavailable naming the file."""
+    monkeypatch.setenv("UMLIP_LATENTS_CHECKPOINTS", str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path))  # no cached_path download cache either
+    specs = [s for s in load_registry(derived=False).values() if s.family == "orb"]
+    assert len(specs) >= 8 and all(s.source["kind"] == "loader" and s.source["package"] == "orb-models" for s in specs)
+    with pytest.raises(ModelUnavailable) as err:
+        extract_features(specs[0], crystals[:1], device="cpu")
+    assert specs[0].source["filename"] in str(err.value) and "UMLIP_LATENTS_CHECKPOINTS" in str(err.value)
+    script = ("import json, sys\nfrom umlip_latents.errors import ModelUnavailable\n"
+              "from umlip_latents.extract.orb import _load_model\nfrom umlip_latents.registry import get_spec\n"
+              "out = {}\nfor key in sys.argv[1:]:\n    try:\n        out[key] = 'loaded ' + _load_model(get_spec(key), 'cpu')[1]\n"
+              "    except ModelUnavailable as exc:\n        out[key] = str(exc)\nprint(json.dumps(out))\n")
+    proc = subprocess.run([str(environment_python("orb")), "-c", script, *[s.key for s in specs]], check=True,
+                          capture_output=True, text=True, env=_env({"HOME": str(tmp_path)}))
+    messages = json.loads(proc.stdout.strip().splitlines()[-1])
+    for spec in specs:
+        assert spec.source["filename"] in messages[spec.key] and "checkpoints folder" in messages[spec.key], spec.key
