@@ -1,9 +1,10 @@
 """Per-atom latent features of registered models: :func:`extract_features`.
 
-One adapter module per family (``mace``, ``chgnet``, ``sevenn``, ``diep``) behind the
-interface of :mod:`umlip_latents.extract.base`. A family whose environment is not the one
-running (e.g. SevenNet, which needs ``e3nn>=0.5`` while mace-torch pins ``e3nn==0.4.4``)
-runs in its own virtual environment through :mod:`umlip_latents.extract.worker`.
+One adapter module per family (``mace``, ``chgnet``, ``sevenn``, ``diep``, ``pet``, ``uma``,
+``dpa``, ``mattersim``, ``orb``) behind the interface of :mod:`umlip_latents.extract.base`. A
+family whose environment is not the one running (e.g. SevenNet, which needs ``e3nn>=0.5`` while
+mace-torch pins ``e3nn==0.4.4``) runs in its own virtual environment through
+:mod:`umlip_latents.extract.worker`.
 """
 
 from __future__ import annotations
