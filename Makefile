@@ -25,10 +25,18 @@ $(VENV)/.stamp: requirements/main.txt pyproject.toml
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $@
 
+# A family environment records the sha256 of the pin file it was built from (.spec): when the pins
+# change, it is rebuilt from scratch (no stale packages); when only the project moved (a fresh clone
+# using a cached environment, see .ci/run), pip finds everything installed and re-points the
+# editable install.
 $(ENVS)/%/.stamp: requirements/%.txt pyproject.toml
+	@spec=$$(sha256sum requirements/$*.txt | cut -c1-16); \
+	  if [ -f $(ENVS)/$*/.spec ] && [ "$$(cat $(ENVS)/$*/.spec)" != "$$spec" ]; then \
+	    echo "requirements/$*.txt changed: rebuilding $(ENVS)/$*"; rm -rf $(ENVS)/$*; fi
 	test -x $(ENVS)/$*/bin/python || $(PYTHON) -m venv $(ENVS)/$*
 	$(ENVS)/$*/bin/pip install --quiet --disable-pip-version-check -r requirements/$*.txt
 	$(ENVS)/$*/bin/pip install --quiet --disable-pip-version-check --no-deps -e .
+	sha256sum requirements/$*.txt | cut -c1-16 > $(ENVS)/$*/.spec
 	touch $@
 
 extract: setup
