@@ -73,6 +73,12 @@ def test_skip_entry_is_not_served_to_raise_and_labels_are_keyed(tmp_path, struct
     assert skipped.n_structures == 3 and ex.calls == 1
     with pytest.raises(UnsupportedElement, match="oganesson-dimer"):
         get_features("t", MODEL, structures=mixed, store=tmp_path, extract=ex, device="cpu")
+    # an entry that skipped nothing serves both kinds of caller (no second extraction)
+    clean = list(structures[:3])
+    get_features("t2", MODEL, structures=clean, store=tmp_path, extract=ex, device="cpu")
+    calls = ex.calls
+    get_features("t2", MODEL, structures=clean, store=tmp_path, extract=ex, device="cpu", on_unsupported="skip")
+    assert ex.calls == calls
     relabelled = [a.copy() for a in structures[:3]]
     relabelled[0].info["subset"] = "relabelled"
     get_features("t", MODEL, structures=structures[:3], store=tmp_path, extract=ex, device="cpu")

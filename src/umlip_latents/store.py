@@ -57,13 +57,13 @@ def family_versions(spec: ModelSpec) -> dict:
     return {package: None}
 
 
-def cache_key(spec: ModelSpec, layer: str, structures_sha: str, device: str, on_unsupported: str = "raise",
-              labels_sha: str | None = None) -> str:
+def cache_key(spec: ModelSpec, layer: str, structures_sha: str, device: str, labels_sha: str | None = None) -> str:
     """sha256 over every input that can change the entry: the features and the labels stored beside them.
 
-    ``on_unsupported`` is part of it, so an entry that skipped structures is never served to a
-    caller who asked for an error; ``labels_sha`` (:func:`labels_hash`) covers the ids, subsets
-    and DFT labels written to the entry's index.
+    ``labels_sha`` (:func:`labels_hash`) covers the ids, subsets and DFT labels written to the
+    entry's index. ``on_unsupported`` is not part of the key: an entry that skipped nothing
+    serves both kinds of caller, and :func:`get_features` never serves an entry that skipped
+    structures to a caller who asked for an error.
     """
     ckpt = local_checkpoint(spec)
     payload = {
@@ -72,7 +72,6 @@ def cache_key(spec: ModelSpec, layer: str, structures_sha: str, device: str, on_
         "layer": layer,
         "structures": structures_sha,
         "labels": labels_sha,
-        "on_unsupported": on_unsupported,
         "device": device.split(":")[0],
         "umlip_latents": _package_version("umlip-latents"),
         "family": family_versions(spec),
@@ -230,11 +229,14 @@ def get_features(dataset: str, model: str | ModelSpec, layer: str = "last", *, s
     label = dataset_label(dataset, limit, seed)
     folder = entry_dir(label, spec.key, layer, store)
     sha = structures_hash(structures)
-    key = cache_key(spec, layer, sha, device, on_unsupported, labels_hash(structures))
+    key = cache_key(spec, layer, sha, device, labels_hash(structures))
     if folder.exists() and not recompute:
         try:
             if json.loads((folder / "meta.json").read_text()).get("cache_key") == key:
-                return read_entry(folder)
+                stored = read_entry(folder)
+                # an entry that skipped structures would hide the error a "raise" caller wants
+                if on_unsupported != "raise" or not stored.meta.get("extraction", {}).get("skipped"):
+                    return stored
         except (OSError, json.JSONDecodeError):
             pass  # an unreadable entry is recomputed below
     staging = folder.with_name(f".{layer}.staging-{key[:16]}")
