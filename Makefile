@@ -14,7 +14,7 @@ PARAMS ?= params/default.yml
 PANEL  := chgnet-0.3.0 chgnet-0.2.0 chgnet-r2scan diep sevennet-0 sevennet-0-22may2024 sevennet-l3i5 sevennet-mf-0
 PY := $(VENV)/bin/python
 
-.PHONY: setup run extract notebooks smoke-notebooks test benchmark clean-envs book book-notebooks book-js book-html \
+.PHONY: setup run extract notebooks smoke-notebooks test benchmark benchmark-reference clean-envs book book-notebooks book-js book-html \
         test-browser
 
 setup: $(VENV)/.stamp $(foreach e,$(FAMILY_ENVS),$(ENVS)/$(e)/.stamp)
@@ -74,6 +74,11 @@ benchmark: setup
 	mkdir -p benchmarks/results
 	for b in benchmarks/*.py; do out=benchmarks/results/$$(basename $$b .py).json; \
 	  $(VENV)/bin/python $$b > $$out.tmp && mv $$out.tmp $$out || exit 1; done
+
+# commit this machine's reports as the book's reference measurements (each names its commit and CPU)
+benchmark-reference:
+	@ls benchmarks/results/*.json > /dev/null || { echo "no reports: run make benchmark first"; exit 1; }
+	mkdir -p benchmarks/reference && cp benchmarks/results/*.json benchmarks/reference/
 
 clean-envs:
 	rm -rf $(VENV) $(ENVS)

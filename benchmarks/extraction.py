@@ -79,8 +79,10 @@ def main(argv=None) -> int:
             if proc.returncode != 0:
                 raise SystemExit(f"{key}: benchmark failed in environment {env}:\n{proc.stderr[-2000:]}")
             results.extend(json.loads(proc.stdout.strip().splitlines()[-1])["results"])
+    from umlip_latents.provenance import run_info
+
     print(json.dumps({"benchmark": "extraction", "baseline": "per-structure ASE calculator loop",
-                      "results": results}, indent=None if args.inner else 2))
+                      "run": run_info(), "results": results}, indent=None if args.inner else 2))
     return 0
 
 

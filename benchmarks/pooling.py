@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 
 import numpy as np
 from scipy import stats
 
 from umlip_latents.pooling import cumulant_features, cumulants_from_central_moments
+from umlip_latents.provenance import run_info
 
 
 def loop_baseline(values: np.ndarray, index: np.ndarray, order: int) -> np.ndarray:
@@ -67,8 +67,7 @@ def main(argv=None) -> dict:
     values = rng.normal(size=(len(index), args.dim)).astype(np.float32)
 
     report = {"n_structures": args.structures, "atoms_per_structure": args.atoms,
-              "dim": args.dim, "numpy": np.__version__, "machine": platform.processor() or
-              platform.machine(), "orders": {}}
+              "dim": args.dim, "numpy": np.__version__, "run": run_info(), "orders": {}}
     for order in args.orders:
         fast, ours = best_time(lambda: cumulant_features(values, index, order=order,
                                                          transform=None), args.repeats)

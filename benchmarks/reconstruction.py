@@ -163,7 +163,9 @@ def main(argv=None) -> int:
         features = {k: features[k] for k in args.models}
     device = resolve_device(args.device)
     reconstruction_matrix({k: v[:50] for k, v in list(features.items())[:2]}, test_size=10, device=device)  # warm-up
-    report = {"input": source, "device": device, "threads": args.threads,
+    from umlip_latents.provenance import run_info
+
+    report = {"input": source, "device": device, "threads": args.threads, "run": run_info(),
               "versions": {"torch": torch.__version__, "numpy": np.__version__},
               "gfre": compare(features, args.n_atoms, args.test_size, args.seed, device, "gfre", args.repeat)}
     if not args.skip_lfre:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -116,6 +117,28 @@ def test_benchmark_reports_of_every_shape_render_as_tables():
     assert ["dims", "64, 128"] in rows and ["input", "kind=synthetic, seed=0"] in rows
     assert '"c": 1' in md                     # too deep for a table: a JSON block
     assert "make benchmark" in book.benchmarks_markdown({})
+
+
+def test_reference_benchmarks_shown_apart_from_this_machines():
+    ours = {"pooling": {"run": {"cpu": "here"}, "speedup": 5.0}}
+    ref = {"pooling": {"run": {"cpu": "there"}, "speedup": 7.0}}
+    md = book.benchmarks_markdown(ours, ref)
+    here, there = md.split("## Reference measurements")
+    assert "### pooling" in here and "cpu=here" in here and "cpu=there" not in here
+    assert "### pooling" in there and "cpu=there" in there
+    only_ref = book.benchmarks_markdown({}, ref)
+    assert "make benchmark" in only_ref and "cpu=there" in only_ref
+
+
+def test_committed_reference_benchmarks_say_where_they_ran():
+    """Every benchmark script has a committed reference report naming its commit and machine."""
+    root = Path(__file__).resolve().parents[1]
+    reference = book.read_benchmarks(root / "benchmarks" / "reference")
+    scripts = {p.stem for p in (root / "benchmarks").glob("*.py")}
+    assert set(reference) == scripts
+    for name, report in reference.items():
+        run = report["run"]
+        assert run["git_commit"] != "unknown" and run["cpu"] and run["logical_cores"] >= 1, name
 
 
 # ---------------------------------------------------------------------------------------------

@@ -176,10 +176,10 @@ def _records_table(records, index: str | None = None) -> str:
     return md_table(header, body)
 
 
-def benchmark_markdown(name: str, report: Mapping) -> str:
+def benchmark_markdown(name: str, report: Mapping, level: int = 2) -> str:
     """One benchmark report (the JSON a ``benchmarks/*.py`` script prints) as Markdown.
 
-    Under a ``## name`` heading: top-level scalars, and small mappings of scalars (such as
+    Under a heading of ``level`` (``## name``): top-level scalars, and small mappings of scalars (such as
     versions), go into one settings table; a list of records or a mapping of records becomes
     a table; a larger mapping of scalars a two-column table; anything deeper a JSON block.
     """
@@ -197,18 +197,37 @@ def benchmark_markdown(name: str, report: Mapping) -> str:
             parts.append(f"**{cell(key)}**\n\n" + _records_table(value, index=str(key)))
         else:
             parts.append(f"**{cell(key)}**\n\n```json\n{json.dumps(value, indent=2)}\n```\n")
-    out = [f"## {cell(name)}\n"]
+    out = [f"{'#' * level} {cell(name)}\n"]
     if settings:
         out.append(md_table(["setting", "value"], settings))
     return "\n".join(out + parts)
 
 
-def benchmarks_markdown(reports: Mapping[str, Mapping]) -> str:
-    """All benchmark reports, by name, or a note on how to make them when there are none."""
-    if not reports:
-        return ("No benchmark results here: `make benchmark` writes them to `benchmarks/results/`, "
-                "then `make book` shows them on this page.\n")
-    return "\n".join(benchmark_markdown(name, reports[name]) for name in sorted(reports))
+def benchmarks_markdown(reports: Mapping[str, Mapping], reference: Mapping[str, Mapping] | None = None) -> str:
+    """The benchmark reports of this machine and the committed reference reports, by name.
+
+    Parameters
+    ----------
+    reports : mapping of name -> report
+        ``benchmarks/results/*.json``, written by ``make benchmark`` on the machine building
+        the book (git-ignored).
+    reference : mapping of name -> report, optional
+        ``benchmarks/reference/*.json``: reports committed with the code, each carrying the
+        commit, date and machine that measured it (its ``run`` entry).
+    """
+    out = ["## This machine\n"]
+    if reports:
+        out += [benchmark_markdown(name, reports[name], level=3) for name in sorted(reports)]
+    else:
+        out.append("No benchmark results here: `make benchmark` writes them to `benchmarks/results/`, "
+                   "then `make book` shows them in this section.\n")
+    if reference:
+        out.append("## Reference measurements\n")
+        out.append("Committed in `benchmarks/reference/` (copied there from `benchmarks/results/` with "
+                   "`make benchmark-reference`); each report's `run` row names the commit, date and CPU "
+                   "that measured it.\n")
+        out += [benchmark_markdown(name, reference[name], level=3) for name in sorted(reference)]
+    return "\n".join(out)
 
 
 def read_benchmarks(folder: str | Path) -> dict[str, dict]:
@@ -395,7 +414,8 @@ def write_generated(notebooks_dir: str | Path, book_dir: str | Path | None = Non
         availability = {r["key"]: (r["available"], r["why"]) for r in models_table()}
     pages = {"models.md": models_markdown(load_registry(derived=False), availability),
              "datasets.md": datasets_markdown(dataset_registry()),
-             "benchmarks.md": benchmarks_markdown(read_benchmarks(root / "benchmarks" / "results"))}
+             "benchmarks.md": benchmarks_markdown(read_benchmarks(root / "benchmarks" / "results"),
+                                                  read_benchmarks(root / "benchmarks" / "reference"))}
     for name, text in pages.items():
         (gen / name).write_text(text)
         written.append(gen / name)

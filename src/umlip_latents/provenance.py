@@ -35,6 +35,39 @@ def versions(packages=PACKAGES) -> dict:
     return out
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what :mod:`platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_info() -> dict:
+    """Where and when a measurement ran: UTC time, git commit, CPU, logical cores, torch threads.
+
+    Benchmarks put this in their reports, so a committed reference report says which code and
+    machine made its numbers.
+    """
+    import datetime
+    import os
+
+    info = {"date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+            "git_commit": git_commit(), "cpu": cpu_model(), "logical_cores": os.cpu_count()}
+    try:
+        import torch
+
+        info["torch_threads"] = torch.get_num_threads()
+        info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except ImportError:
+        pass
+    return info
+
+
 def environment_versions(models) -> dict:
     """``{environment: {package: version}}`` of the models that run outside the main environment."""
     from .errors import ModelUnavailable
