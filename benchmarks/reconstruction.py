@@ -17,7 +17,8 @@ threads (``--threads``, default 1: on a shared machine oversubscribed threads ma
 sides erratic). Timings of the GFRE part are the best of ``--repeat`` runs of each side.
 
 Inputs: stored features of ``--dataset`` (every model with ``--layer`` in the store; by
-default the store's dataset with most models), or with ``--synthetic`` (the default when the
+default the store's dataset with most registered models, e.g. the default study set after
+``make book``), or with ``--synthetic`` (the default when the
 store holds fewer than two models) 8 models of 64-256 dims (64, 64, 96, 128, 128, 128, 192,
 256) on 3000 atoms, non-linear maps of a shared latent state plus model-specific parts,
 stored as float32. With few stored atoms the test set is capped at a third of them.
@@ -70,20 +71,28 @@ def synthetic(n_atoms: int, seed: int) -> dict:
 
 
 def stored(dataset: str | None, layer: str) -> tuple[str | None, dict]:
-    """Features of every model of ``dataset`` (or of the store's largest dataset) at ``layer``."""
+    """Stored features at ``layer`` of the registered models of ``dataset``.
+
+    Without ``dataset``: the store dataset holding most models of the registry (fine-tuned,
+    derived models do not count, so the default study set beats a fine-tuning domain), ties
+    broken by the number of atoms.
+    """
     from umlip_latents import paths
+    from umlip_latents.registry import load_registry
     from umlip_latents.store import read_entry
 
     root = paths.store_dir()
     if not root.exists():
         return dataset, {}
+    registered = set(load_registry(derived=False))
     candidates = [root / dataset] if dataset else sorted(p for p in root.iterdir() if p.is_dir())
-    best = (dataset, {})
+    best, best_rank = (dataset, {}), (0, 0)
     for folder in candidates:
         entries = {m.name: read_entry(m / layer) for m in sorted(folder.glob("*"))
-                   if (m / layer / "meta.json").exists()}
-        if len(entries) > len(best[1]):
-            best = (folder.name, entries)
+                   if (m / layer / "meta.json").exists() and (dataset or m.name in registered)}
+        rank = (len(entries), max((len(fs.values) for fs in entries.values()), default=0))
+        if rank > best_rank:
+            best, best_rank = (folder.name, entries), rank
     return best
 
 

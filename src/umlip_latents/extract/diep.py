@@ -92,6 +92,8 @@ def model_dir(spec: ModelSpec) -> Path:
 class DiepAdapter(Adapter):
     """A loaded DIEP potential (see the module docstring for the layers)."""
 
+    default_batch_atoms = 100  # CPU: see Adapter.default_batch_atoms
+
     def __init__(self, spec: ModelSpec, device: str, potential, path: Path):
         super().__init__(spec, device)
         self.potential = potential

@@ -153,6 +153,7 @@ class DpaAdapter(Adapter):
     """A deepmd-kit energy model (DPA-3 ...) from a ``.pt`` checkpoint (one branch) or frozen ``.pth``."""
 
     default_batch_atoms = 1000
+    default_batch_atoms_gpu = 4000
 
     def __init__(self, spec: ModelSpec, device: str, deep_pot, path: str):
         from ase.data import atomic_numbers

@@ -98,6 +98,7 @@ class MattersimAdapter(Adapter):
     """A MatterSim (M3GNet) model from a mattersim ``.pth`` checkpoint."""
 
     default_batch_atoms = 1000
+    default_batch_atoms_gpu = 4000
 
     def __init__(self, spec: ModelSpec, device: str, potential, path: str):
         super().__init__(spec, device)

@@ -120,6 +120,7 @@ class OrbAdapter(Adapter):
     """An ORB model (orb-models regressor) from a state-dict checkpoint."""
 
     default_batch_atoms = 1000
+    default_batch_atoms_gpu = 4000
 
     def __init__(self, spec: ModelSpec, device: str, model, path: str):
         import torch

@@ -104,6 +104,7 @@ class PetAdapter(Adapter):
     """A PET model from a metatomic ``.pt`` or metatrain ``.ckpt`` file."""
 
     default_batch_atoms = 1000
+    default_batch_atoms_gpu = 4000
 
     def __init__(self, spec: ModelSpec, device: str, module, neighbor_lists, path: str):
         import torch

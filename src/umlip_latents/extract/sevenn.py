@@ -93,7 +93,7 @@ def _checkpoint_path(spec: ModelSpec) -> str:
 class SevennAdapter(Adapter):
     """A SevenNet checkpoint loaded with ``sevenn.util.load_checkpoint``."""
 
-    default_batch_atoms = 2000
+    default_batch_atoms = 100  # CPU: see Adapter.default_batch_atoms
 
     def __init__(self, spec: ModelSpec, device: str, model, path: str, modal: str | None):
         super().__init__(spec, device)

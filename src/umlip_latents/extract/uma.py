@@ -117,6 +117,7 @@ class UmaAdapter(Adapter):
     """One task head of a UMA checkpoint (fairchem ``MLIPInferenceCheckpoint``)."""
 
     default_batch_atoms = 1000
+    default_batch_atoms_gpu = 4000
 
     def __init__(self, spec: ModelSpec, device: str, unit, path: str):
         import torch
