@@ -14,8 +14,9 @@ adds little (the adapters' CPU batch sizes are small for that reason). On a GPU,
 amortises kernel launches over many structures.
 
 Prints one JSON object: per model the three timings, the ratios to the batched time and the
-largest energy difference between the batched pass and the calculator (eV/atom). Models living in another environment are timed
-in that environment (this script re-runs itself there).
+largest energy difference between the batched pass and the calculator (eV/atom). Models
+living in another environment are timed in that environment (this script re-runs itself
+there).
 
     .venv/bin/python benchmarks/extraction.py [--models chgnet-0.3.0 sevennet-0] [--n 100]
 """

@@ -67,8 +67,8 @@ def main(argv=None) -> int:
     result = json.loads(out.stdout.strip().splitlines()[-1])
     from umlip_latents.provenance import run_info
 
-    result.update({"run": run_info(), "atoms": args.atoms, "models": args.models, "dim": args.dim, "budget_gb": args.budget_gb,
-                   "within_budget": result["peak_rss_gb"] <= args.budget_gb})
+    result.update({"run": run_info(), "atoms": args.atoms, "models": args.models, "dim": args.dim,
+                   "budget_gb": args.budget_gb, "within_budget": result["peak_rss_gb"] <= args.budget_gb})
     print(json.dumps(result, indent=1))
     return 0 if result["within_budget"] else 1
 

@@ -179,8 +179,8 @@ def _records_table(records, index: str | None = None) -> str:
 def benchmark_markdown(name: str, report: Mapping, level: int = 2) -> str:
     """One benchmark report (the JSON a ``benchmarks/*.py`` script prints) as Markdown.
 
-    Under a heading of ``level`` (``## name``): top-level scalars, and small mappings of scalars (such as
-    versions), go into one settings table; a list of records or a mapping of records becomes
+    Under a heading of ``level`` (2: ``## name``): top-level scalars, and small mappings of
+    scalars (such as versions), go into one settings table; a list of records or a mapping of records becomes
     a table; a larger mapping of scalars a two-column table; anything deeper a JSON block.
     """
     settings, parts = [], []

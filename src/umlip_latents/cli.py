@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", default="auto")
-    e.add_argument("--batch-size", type=int, help="atoms per forward pass (default: the family's, small on a CPU, large on a GPU)")
+    e.add_argument("--batch-size", type=int,
+                   help="atoms per forward pass (default: the family's, small on a CPU, large on a GPU)")
     e.add_argument("--on-unsupported", default="raise", choices=["raise", "skip"])
     e.add_argument("--recompute", action="store_true")
     e.add_argument("--quiet", action="store_true")

@@ -136,7 +136,8 @@ def run_adapter(adapter: Adapter, structures: list, layer: str = "last", batch_s
     skipped = [structures[i].info.get("structure_id", f"#{i}") for i in range(len(structures)) if i not in set(keep)]
     structures = [structures[i] for i in keep]
     if batch_size is None:
-        batch_size = adapter.default_batch_atoms_gpu if adapter.device.startswith("cuda") else adapter.default_batch_atoms
+        gpu = adapter.device.startswith("cuda")
+        batch_size = adapter.default_batch_atoms_gpu if gpu else adapter.default_batch_atoms
     values, energies, blocks = [], [], None
     t0 = time.perf_counter()
     for lo, hi in batches(structures, batch_size):
