@@ -42,7 +42,7 @@ $(ENVS)/%/.stamp: requirements/%.txt pyproject.toml
 extract: setup
 	$(VENV)/bin/umlip-latents datasets fetch
 	for m in $(PANEL); do for l in last backbone; do \
-	  $(VENV)/bin/umlip-latents extract --dataset default --model $$m --layer $$l || exit 1; done; done
+	  $(VENV)/bin/umlip-latents extract --dataset default --model $$m --layer $$l --workers auto || exit 1; done; done
 
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]-*.ipynb))
 

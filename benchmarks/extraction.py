@@ -7,13 +7,15 @@ loaded once for both sides, then
   at a time (what a script looping over structures does; calculators also compute forces);
 - ours: :func:`umlip_latents.extract.base.run_adapter`, batched, energy-only, with features;
 - ours one structure per pass (``batch_size=1``), to tell what batching adds from what the
-  energy-only pass (no force backward) adds.
+  energy-only pass (no force backward) adds;
+- ours batched with ``workers="auto"`` (one single-thread process per core, same batches), on
+  a CPU with more than one core.
 
 On a CPU most of the gain is the energy-only pass: the work is compute-bound and batching
 adds little (the adapters' CPU batch sizes are small for that reason). On a GPU, batching
 amortises kernel launches over many structures.
 
-Prints one JSON object: per model the three timings, the ratios to the batched time and the
+Prints one JSON object: per model the four timings, the ratios to the batched time and the
 largest energy difference between the batched pass and the calculator (eV/atom). Models
 living in another environment are timed in that environment (this script re-runs itself
 there).
@@ -49,6 +51,11 @@ def time_model(key: str, n: int, seed: int, device: str, layer: str) -> dict:
     t0 = time.perf_counter()
     run_adapter(adapter, structures, layer=layer, batch_size=1)  # energy-only, one structure per pass
     single = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    par = run_adapter(adapter, structures, layer=layer, workers="auto")
+    parallel = time.perf_counter() - t0
+    if not np.allclose(par.values, fs.values, rtol=0, atol=1e-4 * float(np.abs(fs.values).max())):
+        raise SystemExit(f"{key}: workers={par.meta['workers']} changed the features")
     calc = adapter.calculator()
     t0 = time.perf_counter()
     loop_energy = calculator_energies(calc, structures)
@@ -59,6 +66,8 @@ def time_model(key: str, n: int, seed: int, device: str, layer: str) -> dict:
         "device": adapter.device, "batch_atoms": fs.meta["batch_atoms"], "batched_s": round(batched, 3),
         "single_s": round(single, 3), "ase_loop_s": round(loop, 3), "speedup": round(loop / batched, 2),
         "speedup_of_batching": round(single / batched, 2),
+        "workers": par.meta["workers"], "workers_s": round(parallel, 3),
+        "speedup_with_workers": round(loop / parallel, 2),
         "max_energy_diff_eV_per_atom": float(np.max(np.abs(fs.energy - loop_energy) / n_atoms)),
     }
 

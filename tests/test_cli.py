@@ -22,15 +22,18 @@ def test_models_list_shows_every_model_and_availability(capsys, tmp_path, monkey
 def test_extract_writes_store_and_prints_summary(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("UMLIP_LATENTS_STORE", str(tmp_path))
     assert main(["extract", "--dataset", "mpf-alkali-tp", "--model", "chgnet-0.3.0", "--limit", "4",
-                 "--device", "cpu", "--quiet"]) == 0
+                 "--device", "cpu", "--quiet", "--workers", "2", "--batch-size", "10"]) == 0
     out = capsys.readouterr().out
     assert "4 structures" in out and "D=64" in out and "structures/s)" in out
-    assert (tmp_path / "mpf-alkali-tp-n4-s0" / "chgnet-0.3.0" / "last" / "values.npy").exists()
+    entry = tmp_path / "mpf-alkali-tp-n4-s0" / "chgnet-0.3.0" / "last"
+    assert (entry / "values.npy").exists()
+    assert '"workers": 2' in (entry / "meta.json").read_text()
 
 
 @pytest.mark.parametrize("args, message", [
     (["extract", "--dataset", "nope", "--model", "chgnet-0.3.0"], "unknown dataset"),
     (["extract", "--dataset", "mpf-alkali-tp", "--model", "nope"], "unknown model"),
+    (["extract", "--dataset", "mpf-alkali-tp", "--model", "chgnet-0.3.0", "--workers", "0"], "positive integer"),
 ])
 def test_bad_arguments_give_one_error_line(capsys, args, message):
     assert main(args) == 2

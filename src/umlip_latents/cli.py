@@ -91,7 +91,7 @@ def _extract(args) -> int:
     try:
         fs = get_features(args.dataset, args.model, args.layer, structures=structures, limit=args.limit,
                           seed=args.seed, device=args.device, batch_size=args.batch_size,
-                          on_unsupported=args.on_unsupported, recompute=args.recompute,
+                          on_unsupported=args.on_unsupported, recompute=args.recompute, workers=args.workers,
                           progress=lambda n, _atoms: bar.update(n))
     finally:
         bar.close()
@@ -115,8 +115,27 @@ def _notebook(args) -> int:
     return 0
 
 
+def _workers(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', not {text!r}")
+    return n
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with bad arguments reported as one ``error:`` line (exit status 2), like other bad input."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="umlip-latents", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="umlip-latents", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("datasets", help="list or fetch datasets")
     d.add_argument("action", choices=["list", "fetch"])
@@ -135,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--batch-size", type=int,
                    help="atoms per forward pass (default: the family's, small on a CPU, large on a GPU)")
+    e.add_argument("--workers", type=_workers, default=1,
+                   help="CPU processes of one thread each, or 'auto' (one per core); features do not depend on it")
     e.add_argument("--on-unsupported", default="raise", choices=["raise", "skip"])
     e.add_argument("--recompute", action="store_true")
     e.add_argument("--quiet", action="store_true")
@@ -149,7 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a bad argument (2, already reported)
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         return args.func(args)
     except UmlipLatentsError as exc:

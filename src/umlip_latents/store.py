@@ -198,15 +198,16 @@ def dataset_label(dataset: str, limit: int | None, seed: int) -> str:
 def get_features(dataset: str, model: str | ModelSpec, layer: str = "last", *, structures: list | None = None,
                  limit: int | None = None, seed: int = 0, device: str = "auto", batch_size: int | None = None,
                  on_unsupported: str = "raise", store: str | os.PathLike | None = None, shard_size: int = 250,
-                 recompute: bool = False, progress=None, extract=None) -> FeatureSet:
+                 recompute: bool = False, progress=None, extract=None, workers: int | str = 1) -> FeatureSet:
     """Features of ``model`` on ``dataset`` from the store, extracting only what is missing.
 
     Parameters
     ----------
     dataset
         Registered dataset/collection name or extxyz path; with ``structures`` given, only a label.
-    model, layer, device, batch_size, on_unsupported
-        As in :func:`umlip_latents.extract.extract_features`.
+    model, layer, device, batch_size, on_unsupported, workers
+        As in :func:`umlip_latents.extract.extract_features`. ``workers`` is not part of the
+        cache key: the features do not depend on it.
     limit, seed
         Selection passed to :func:`~umlip_latents.datasets.load_dataset`.
     shard_size
@@ -248,7 +249,7 @@ def get_features(dataset: str, model: str | ModelSpec, layer: str = "last", *, s
         chunk = structures[lo:lo + shard_size]
         if not shard.exists():
             _write_shard(shard, extract(spec, chunk, layer=layer, device=device, batch_size=batch_size,
-                                        on_unsupported=on_unsupported))
+                                        on_unsupported=on_unsupported, workers=workers))
         from .extract.worker import load_featureset
 
         parts.append(load_featureset(shard))
@@ -258,7 +259,7 @@ def get_features(dataset: str, model: str | ModelSpec, layer: str = "last", *, s
     meta = {
         "cache_key": key, "model": spec.key, "spec": spec.to_dict(), "layer": layer, "dataset": str(dataset),
         "dataset_label": label, "structures_sha256": sha, "limit": limit, "seed": seed, "device": device,
-        "batch_size": batch_size, "on_unsupported": on_unsupported, "shard_size": shard_size,
+        "batch_size": batch_size, "workers": workers, "on_unsupported": on_unsupported, "shard_size": shard_size,
         "versions": {"umlip-latents": _package_version("umlip-latents"), **family_versions(spec),
                      "torch": _package_version("torch"), "numpy": np.__version__},
         "checkpoint_sha256": fs.meta.get("checkpoint_sha256"),
@@ -277,7 +278,8 @@ def get_features(dataset: str, model: str | ModelSpec, layer: str = "last", *, s
 
 
 def panel_features(dataset: str, models: list, layer: str = "last", *, limit: int | None = None, seed: int = 0,
-                   device: str = "auto", on_unsupported: str = "skip", store=None, progress=None) -> dict:
+                   device: str = "auto", on_unsupported: str = "skip", store=None, progress=None,
+                   workers: int | str = 1) -> dict:
     """Aligned features of several models on one dataset selection, from the store.
 
     Structures a model cannot featurise are skipped for it (``on_unsupported="skip"``) and
@@ -288,5 +290,6 @@ def panel_features(dataset: str, models: list, layer: str = "last", *, limit: in
 
     structures = load_dataset(dataset, limit=limit, seed=seed)
     out = {m: get_features(dataset, m, layer, structures=structures, limit=limit, seed=seed, device=device,
-                           on_unsupported=on_unsupported, store=store, progress=progress) for m in models}
+                           on_unsupported=on_unsupported, store=store, progress=progress, workers=workers)
+           for m in models}
     return align(out)

@@ -69,7 +69,8 @@ def _cached_adapter(spec_json: str, device: str, stamp: str = "") -> Adapter:
 
 
 def extract_features(model_key: str | ModelSpec, structures: list, layer: str = "last", device: str = "auto",
-                     batch_size: int | None = None, on_unsupported: str = "raise") -> FeatureSet:
+                     batch_size: int | None = None, on_unsupported: str = "raise",
+                     workers: int | str = 1) -> FeatureSet:
     """Per-atom features of ``model_key`` on ``structures``.
 
     Parameters
@@ -88,6 +89,9 @@ def extract_features(model_key: str | ModelSpec, structures: list, layer: str = 
         Atoms per forward pass (default: the adapter's).
     on_unsupported
         ``"raise"`` (default) or ``"skip"`` structures holding elements the model lacks.
+    workers
+        CPU worker processes of one thread each (``"auto"``: one per core); the batches and
+        so the features are those of ``workers=1``. Ignored (1) on a GPU with ``"auto"``.
 
     Returns
     -------
@@ -100,11 +104,12 @@ def extract_features(model_key: str | ModelSpec, structures: list, layer: str = 
         from .worker import run_in_environment
 
         return run_in_environment(spec, structures, layer=layer, device=device,
-                                  batch_size=batch_size, on_unsupported=on_unsupported)
+                                  batch_size=batch_size, on_unsupported=on_unsupported, workers=workers)
     ckpt = local_checkpoint(spec)
     stamp = f"{ckpt}:{ckpt.stat().st_size}:{ckpt.stat().st_mtime_ns}" if ckpt else ""
     adapter = _cached_adapter(json.dumps(spec.to_dict(), sort_keys=True), resolve_device(device), stamp)
-    return run_adapter(adapter, structures, layer=layer, batch_size=batch_size, on_unsupported=on_unsupported)
+    return run_adapter(adapter, structures, layer=layer, batch_size=batch_size, on_unsupported=on_unsupported,
+                       workers=workers)
 
 
 __all__ = ["extract_features", "load_adapter", "adapter_class", "FeatureSet", "ADAPTERS"]

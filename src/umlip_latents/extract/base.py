@@ -10,6 +10,7 @@ derived from the model's own modules, so energies can be re-read from stored fea
 from __future__ import annotations
 
 import abc
+import os
 import time
 
 import numpy as np
@@ -125,9 +126,66 @@ def batches(structures: list, batch_atoms: int):
         yield start, len(structures)
 
 
+def resolve_workers(workers: int | str | None, device: str) -> int:
+    """Number of CPU worker processes: ``"auto"`` is one per usable core on a CPU, 1 on a GPU."""
+    if workers is None or (workers == 1 and not isinstance(workers, bool)):
+        return 1
+    if workers == "auto":
+        if not device.startswith("cpu"):
+            return 1
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ValueError(f"workers must be a positive integer or 'auto', not {workers!r}")
+    if workers > 1 and not device.startswith("cpu"):
+        raise ValueError(f"workers={workers} needs device 'cpu' (a {device} device runs one process); "
+                         "on a GPU raise batch_size instead")
+    return workers
+
+
+#: what forked workers read: set by _parallel_forward just before the pool forks, so the
+#: children inherit the loaded model without pickling or reloading it.
+_FORK_STATE: dict = {}
+
+
+def _forward_batch(bounds: tuple[int, int]):
+    import torch
+
+    torch.set_num_threads(1)  # one thread per worker: the processes, not threads, share the cores
+    adapter, structures, layer = _FORK_STATE["args"]
+    lo, hi = bounds
+    v, b, e = adapter.forward(structures[lo:hi], layer)
+    return np.asarray(v, dtype=np.float32), b, np.asarray(e, dtype=np.float64)
+
+
+def _parallel_forward(adapter: Adapter, structures: list, layer: str, bounds: list, workers: int):
+    """``adapter.forward`` on each batch, in ``workers`` forked processes, results in batch order.
+
+    The batches are the ones a single process runs, so the features do not depend on
+    ``workers`` (each batch is one forward pass, whichever process runs it).
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        raise ValueError("workers > 1 needs the 'fork' start method (Linux, macOS); use workers=1 here")
+    _FORK_STATE["args"] = (adapter, structures, layer)
+    try:
+        # a worker that dies (killed, out of memory) raises BrokenProcessPool here, never hangs
+        with ProcessPoolExecutor(min(workers, len(bounds)), mp_context=multiprocessing.get_context("fork")) as pool:
+            yield from pool.map(_forward_batch, bounds)
+    finally:
+        _FORK_STATE.clear()
+
+
 def run_adapter(adapter: Adapter, structures: list, layer: str = "last", batch_size: int | None = None,
-                on_unsupported: str = "raise", progress=None) -> FeatureSet:
-    """Featurise ``structures`` with a loaded adapter, in batches of about ``batch_size`` atoms."""
+                on_unsupported: str = "raise", progress=None, workers: int | str = 1) -> FeatureSet:
+    """Featurise ``structures`` with a loaded adapter, in batches of about ``batch_size`` atoms.
+
+    ``workers`` > 1 (CPU only; ``"auto"``: one per core) runs the batches in that many forked
+    processes of one thread each. On a CPU the work is compute-bound and small structures keep
+    intra-op threads idle, so processes use many cores better than threads do; the batches,
+    and so the features, are those of ``workers=1``.
+    """
     if layer not in adapter.spec.layers:
         raise ValueError(f"model {adapter.spec.key} offers layers {sorted(adapter.spec.layers)}, not {layer!r}")
     for i, atoms in enumerate(structures):
@@ -138,10 +196,16 @@ def run_adapter(adapter: Adapter, structures: list, layer: str = "last", batch_s
     if batch_size is None:
         gpu = adapter.device.startswith("cuda")
         batch_size = adapter.default_batch_atoms_gpu if gpu else adapter.default_batch_atoms
+    workers = resolve_workers(workers, adapter.device)
+    bounds = list(batches(structures, batch_size))
+    if workers > 1 and len(bounds) > 1:
+        results = _parallel_forward(adapter, structures, layer, bounds, workers)
+    else:
+        workers = 1
+        results = (adapter.forward(structures[lo:hi], layer) for lo, hi in bounds)
     values, energies, blocks = [], [], None
     t0 = time.perf_counter()
-    for lo, hi in batches(structures, batch_size):
-        v, b, e = adapter.forward(structures[lo:hi], layer)
+    for (lo, hi), (v, b, e) in zip(bounds, results):
         values.append(np.asarray(v, dtype=np.float32))
         energies.append(np.asarray(e, dtype=np.float64))
         blocks = b
@@ -157,6 +221,7 @@ def run_adapter(adapter: Adapter, structures: list, layer: str = "last", batch_s
         "layer": layer,
         "device": adapter.device,
         "batch_atoms": batch_size,
+        "workers": workers,
         "checkpoint_sha256": adapter.checkpoint_sha256(),
         "versions": adapter.versions(),
         "seconds": seconds,

@@ -87,7 +87,7 @@ def load_featureset(folder: Path) -> FeatureSet:
 
 
 def run_in_environment(spec: ModelSpec, structures: list, layer: str, device: str, batch_size: int | None,
-                       on_unsupported: str) -> FeatureSet:
+                       on_unsupported: str, workers: int | str = 1) -> FeatureSet:
     """Extract in ``spec.environment`` through a child process and return its FeatureSet."""
     python = environment_python(spec.environment)
     if not python.exists():
@@ -100,7 +100,7 @@ def run_in_environment(spec: ModelSpec, structures: list, layer: str, device: st
         pack_structures(structures, tmp / "structures.npz")
         (tmp / "request.json").write_text(json.dumps({
             "spec": spec.to_dict(), "layer": layer, "device": device,
-            "batch_size": batch_size, "on_unsupported": on_unsupported,
+            "batch_size": batch_size, "on_unsupported": on_unsupported, "workers": workers,
         }))
         env = dict(os.environ, UMLIP_LATENTS_ENV=spec.environment, UMLIP_LATENTS_ROOT=str(paths.project_root()))
         proc = subprocess.run([str(python), "-m", "umlip_latents.extract.worker", str(tmp)],
@@ -129,7 +129,7 @@ def main(folder: str) -> int:
         structures = unpack_structures(folder / "structures.npz")
         adapter = load_adapter(spec, req["device"])
         fs = run_adapter(adapter, structures, layer=req["layer"], batch_size=req["batch_size"],
-                         on_unsupported=req["on_unsupported"])
+                         on_unsupported=req["on_unsupported"], workers=req.get("workers", 1))
         save_featureset(fs, folder)
     except Exception as exc:
         name = type(exc).__name__
