@@ -75,3 +75,45 @@ def test_sevenn_energy_equals_its_own_calculator(crystals, tmp_path):
     ref = np.array(json.loads(proc.stdout.strip().splitlines()[-1]))
     n = np.array([len(a) for a in crystals])
     assert np.abs(fs.energy - ref).max() / n.min() < 1e-5
+
+
+def _live_worker(name="sevenn"):
+    from umlip_latents.extract import worker
+
+    return worker._SERVERS[name][1].proc
+
+
+def test_worker_is_kept_between_calls_and_replaced_when_needed(crystals, monkeypatch):
+    """One process answers repeated calls; a dead or unexpectedly failing one is replaced."""
+    from umlip_latents.errors import ExtractionFailed
+
+    first = extract_features("sevennet-0", crystals[:1], device="cpu")
+    pid = _live_worker().pid
+    again = extract_features("sevennet-0", crystals[:1], device="cpu")
+    assert _live_worker().pid == pid
+    np.testing.assert_array_equal(first.values, again.values)
+    # an unexpected exception in the child comes back as ExtractionFailed with its message ...
+    with pytest.raises(ExtractionFailed, match="ValueError: model sevennet-0 offers layers"):
+        extract_features("sevennet-0", crystals[:1], layer="middle", device="cpu")
+    # ... and the next call starts a new worker
+    extract_features("sevennet-0", crystals[:1], device="cpu")
+    assert _live_worker().pid != pid
+    pid = _live_worker().pid
+    _live_worker().kill()
+    _live_worker().wait()
+    np.testing.assert_array_equal(extract_features("sevennet-0", crystals[:1], device="cpu").values, first.values)
+    assert _live_worker().pid != pid
+    # the environment variables choose checkpoints and folders: a change starts a new worker
+    pid = _live_worker().pid
+    monkeypatch.setenv("UMLIP_LATENTS_TEST_MARKER", "1")
+    extract_features("sevennet-0", crystals[:1], device="cpu")
+    assert _live_worker().pid != pid
+
+
+def test_one_process_per_call_when_asked(crystals, monkeypatch):
+    from umlip_latents.extract import worker
+
+    monkeypatch.setenv("UMLIP_LATENTS_KEEP_WORKERS", "0")
+    worker._close_servers()
+    fs = extract_features("sevennet-0", crystals[:1], device="cpu")
+    assert fs.n_structures == 1 and "sevenn" not in worker._SERVERS
