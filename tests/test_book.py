@@ -149,10 +149,14 @@ def test_performance_page_claims_match_reference_reports():
     for key, r in ext.items():
         assert 0.9 <= round(r["speedup_of_batching"], 1) <= 1.3, key  # "0.9-1.3"
         assert r["max_energy_diff_eV_per_atom"] <= 1e-5, key
+        assert r["workers"] == ref["extraction"]["run"]["logical_cores"] == 2, key  # "on the two cores"
+        assert 1.0 <= round(r["batched_s"] / r["workers_s"], 1) <= 1.4, key  # "adds 1.0-1.4x"
         if key == "diep":
             assert round(r["speedup"]) <= 1                           # "no faster for DIEP"
+            assert round(r["speedup_with_workers"], 1) == 1.1         # "DIEP 1.1x"
         else:
             assert 3 <= round(r["speedup"]) <= 6, key                 # "3-6x faster"
+            assert 3 <= round(r["speedup_with_workers"] * 2) / 2 <= 6.5, key  # "3-6.5x"
     rec = ref["reconstruction"]
     assert 20 <= rec["gfre"]["speedup"] <= 35 and 30 <= rec["lfre"]["speedup"] <= 50  # "~25x", "~40x"
     assert rec["gfre"]["models"] == 8 and rec["input"]["dataset"].startswith("default")
