@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from test_extract import rel_err, tolerance
 
 from umlip_latents.errors import StructureError
 from umlip_latents.extract import extract_features
-from umlip_latents.extract.base import Adapter, resolve_workers, run_adapter
+from umlip_latents.extract.base import Adapter, batches, resolve_workers, run_adapter
 from umlip_latents.features import Block, Readout
 from umlip_latents.registry import get_spec
 
@@ -28,7 +29,13 @@ class Toy(Adapter):
     def supported_elements(self):
         return set(range(1, 119))
 
+    log = None  # a file each batch appends a line to, when set
+
     def forward(self, structures, layer):
+        if self.log is not None:
+            time.sleep(0.2)
+            with open(self.log, "a") as fh:
+                fh.write("batch\n")
         for a in structures:
             if "bad" in a.info["structure_id"]:
                 raise StructureError(f"structure {a.info['structure_id']}: toy failure")
@@ -61,6 +68,21 @@ def test_an_error_in_a_worker_comes_back_with_its_class_and_message(toy, crystal
     bad.info["structure_id"] = "bad-7"
     with pytest.raises(StructureError, match="bad-7: toy failure"):
         run_adapter(toy, crystals * 3 + [bad], workers=2)
+
+
+def test_an_interrupt_drops_the_batches_not_started(toy, crystals, tmp_path):
+    toy.log = tmp_path / "batches.txt"
+    structures = crystals * 16  # 80 structures in 50 batches of at most 4 atoms
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_adapter(toy, structures, workers=2, progress=interrupt)
+    time.sleep(1.0)  # let the batches in flight finish
+    n_batches = len(list(batches(structures, toy.default_batch_atoms)))
+    # the first batch, those running and the few queued to the workers; not the other ~40
+    assert len(toy.log.read_text().splitlines()) <= 12 < n_batches
 
 
 def test_workers_argument():

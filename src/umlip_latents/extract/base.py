@@ -169,10 +169,15 @@ def _parallel_forward(adapter: Adapter, structures: list, layer: str, bounds: li
     if "fork" not in multiprocessing.get_all_start_methods():
         raise ValueError("workers > 1 needs the 'fork' start method (Linux, macOS); use workers=1 here")
     _FORK_STATE["args"] = (adapter, structures, layer)
+    # a worker that dies (killed, out of memory) raises BrokenProcessPool here, never hangs
+    pool = ProcessPoolExecutor(min(workers, len(bounds)), mp_context=multiprocessing.get_context("fork"))
     try:
-        # a worker that dies (killed, out of memory) raises BrokenProcessPool here, never hangs
-        with ProcessPoolExecutor(min(workers, len(bounds)), mp_context=multiprocessing.get_context("fork")) as pool:
-            yield from pool.map(_forward_batch, bounds)
+        yield from pool.map(_forward_batch, bounds)
+    except BaseException:  # an error or an interrupt: drop the batches not started, do not wait
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    else:
+        pool.shutdown()
     finally:
         _FORK_STATE.clear()
 
