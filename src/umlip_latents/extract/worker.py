@@ -138,6 +138,10 @@ class _Server:
 
 #: live workers by environment name: (key of the environment variables they started with, server)
 _SERVERS: dict[str, tuple[str, _Server]] = {}
+#: variables that change while the parent runs without changing what a worker computes
+_VOLATILE = ("PYTEST_CURRENT_TEST",)
+#: holds the exit hook once registered (at the first worker, not at import)
+_AT_EXIT: list = []
 
 
 def _close_servers() -> None:
@@ -147,14 +151,14 @@ def _close_servers() -> None:
 
 
 def _server(name: str, python: Path, env: dict) -> _Server:
-    key = hashlib.sha256(json.dumps(sorted(env.items())).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps(sorted((k, v) for k, v in env.items() if k not in _VOLATILE)).encode()).hexdigest()
     known = _SERVERS.get(name)
     if known is not None and (known[0] != key or known[1].proc.poll() is not None):
         known[1].close()
         known = None
     if known is None:
-        if not _SERVERS:
-            atexit.register(_close_servers)
+        if not _AT_EXIT:
+            _AT_EXIT.append(atexit.register(_close_servers))
         known = _SERVERS[name] = (key, _Server(python, env))
     return known[1]
 
