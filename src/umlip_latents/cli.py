@@ -116,15 +116,14 @@ def _notebook(args) -> int:
 
 
 def _workers(text: str) -> int | str:
-    if text == "auto":
-        return text
+    from .extract.base import resolve_workers
+
+    value = int(text) if text.lstrip("-").isdigit() else text
     try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', not {text!r}")
-    return n
+        resolve_workers(value, "cpu")  # the library's own check; the device is known only later
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
 
 
 class _Parser(argparse.ArgumentParser):

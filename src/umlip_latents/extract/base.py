@@ -170,7 +170,7 @@ def _parallel_forward(adapter: Adapter, structures: list, layer: str, bounds: li
         raise ValueError("workers > 1 needs the 'fork' start method (Linux, macOS); use workers=1 here")
     _FORK_STATE["args"] = (adapter, structures, layer)
     # a worker that dies (killed, out of memory) raises BrokenProcessPool here, never hangs
-    pool = ProcessPoolExecutor(min(workers, len(bounds)), mp_context=multiprocessing.get_context("fork"))
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
     try:
         yield from pool.map(_forward_batch, bounds)
     except BaseException:  # an error or an interrupt: drop the batches not started, do not wait
@@ -203,10 +203,10 @@ def run_adapter(adapter: Adapter, structures: list, layer: str = "last", batch_s
         batch_size = adapter.default_batch_atoms_gpu if gpu else adapter.default_batch_atoms
     workers = resolve_workers(workers, adapter.device)
     bounds = list(batches(structures, batch_size))
-    if workers > 1 and len(bounds) > 1:
+    workers = min(workers, len(bounds)) or 1  # processes actually used (recorded in meta)
+    if workers > 1:
         results = _parallel_forward(adapter, structures, layer, bounds, workers)
     else:
-        workers = 1
         results = (adapter.forward(structures[lo:hi], layer) for lo, hi in bounds)
     values, energies, blocks = [], [], None
     t0 = time.perf_counter()

@@ -188,6 +188,8 @@ def run_in_environment(spec: ModelSpec, structures: list, layer: str, device: st
         if keep_workers():
             server = _server(spec.environment, python, env)
             answer = server.ask(tmp)
+            if answer != "done":  # died, or answered out of protocol: this worker is not reused
+                server.proc.kill()
             returncode, stderr = (0, "") if answer == "done" else (server.proc.wait(), server.stderr())
         else:
             proc = subprocess.run([str(python), "-m", "umlip_latents.extract.worker", str(tmp)],
