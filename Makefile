@@ -2,6 +2,7 @@
 # make run    – main job: fetch data and extract the offline model panel on the default set, then run
 #               every notebook with papermill ($(PARAMS)) into runs/
 # make test   – set up, then run the test suite and the notebook regression (nbval)
+# make test-fast – the main-environment unit tests (no family environments, no training, no notebooks)
 # make test-browser – build the site from the committed smoke-run notebooks and load every page
 #               in headless Chromium (tests/browser; installs Debian's chromium if missing)
 # make book   – set up, fetch data, run every notebook with papermill ($(PARAMS)) into $(BOOK_NOTEBOOKS),
@@ -9,12 +10,14 @@
 PYTHON ?= python3.11
 VENV   := .venv
 ENVS   ?= .envs
-FAMILY_ENVS := sevenn pet uma dpa mattersim orb
+# the family environments: every `environment:` of models/families.yml but main (each has requirements/<name>.txt)
+FAMILY_ENVS := $(sort $(filter-out main,$(shell sed -n 's/^  environment: *//p' models/families.yml)))
 PARAMS ?= params/default.yml
-PANEL  := chgnet-0.3.0 chgnet-0.2.0 chgnet-r2scan diep sevennet-0 sevennet-0-22may2024 sevennet-l3i5 sevennet-mf-0
 PY := $(VENV)/bin/python
+# the offline panel: registered models whose weights ship inside a wheel (read from the registry after setup)
+PANEL = $(shell $(VENV)/bin/umlip-latents models keys --source wheel)
 
-.PHONY: setup run extract notebooks smoke-notebooks test benchmark benchmark-reference clean-envs book book-notebooks book-js book-html \
+.PHONY: setup run extract notebooks smoke-notebooks test test-fast print-family-envs benchmark benchmark-reference clean-envs book book-notebooks book-js book-html \
         test-browser
 
 setup: $(VENV)/.stamp $(foreach e,$(FAMILY_ENVS),$(ENVS)/$(e)/.stamp)
@@ -62,6 +65,13 @@ TREE_BEFORE = .cache/tree-before-$@
 define tree_unchanged
 	@$(TREE_STATE) | diff $(TREE_BEFORE) - || { echo "make $@ changed what git sees (diff above): generated output must be git-ignored"; exit 1; }
 endef
+
+print-family-envs:
+	@echo $(FAMILY_ENVS)
+
+# main-environment unit tests only: no family environment, no model training, no notebooks (< 3 min)
+test-fast: $(VENV)/.stamp
+	$(VENV)/bin/python -m pytest -q -m "not slow and not gpu and not browser and not envs and not training" tests
 
 test: setup
 	@mkdir -p .cache && $(TREE_STATE) > $(TREE_BEFORE)

@@ -74,7 +74,7 @@ def time_model(key: str, n: int, seed: int, device: str, layer: str) -> dict:
 
 def main(argv=None) -> int:
     from umlip_latents.extract import current_environment
-    from umlip_latents.extract.worker import environment_python
+    from umlip_latents.families import environment_python
     from umlip_latents.registry import load_registry
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

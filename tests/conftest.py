@@ -19,6 +19,30 @@ MACE_RECIPE = dict(n_train=40, seed=0, max_epochs=3, num_channels=16, max_L=1, r
                    num_interactions=2)
 
 
+#: test files that need a family environment (besides tests parametrized over such models or families)
+ENV_FILES = {"test_worker.py", "test_pet.py", "test_uma.py", "test_dpa.py", "test_mattersim.py", "test_orb.py"}
+#: test files that train or fine-tune models
+TRAINING_FILES = {"test_finetune_chgnet.py", "test_finetune_mace.py", "test_notebook_finetune.py", "test_training.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark tests ``envs`` (a family environment is needed) and ``training`` (`make test-fast` leaves both out)."""
+    from umlip_latents.families import load_families
+
+    table = load_families()
+    registry = load_registry(derived=False)
+    other = {k for k, s in registry.items() if s.environment != "main"} | \
+        {f for f, row in table.items() if row.environment != "main"}
+    for item in items:
+        name = Path(str(item.fspath)).name
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        values = {v for v in params.values() if isinstance(v, str)}
+        if name in ENV_FILES or values & other:
+            item.add_marker(pytest.mark.envs)
+        if name in TRAINING_FILES or "trained_mace" in item.fixturenames or values & {"mace"}:
+            item.add_marker(pytest.mark.training)
+
+
 def offline_panel() -> list[str]:
     """Registered models whose weights ship inside a wheel (loadable offline)."""
     return sorted(k for k, s in load_registry(derived=False).items() if s.source["kind"] == "wheel")

@@ -92,7 +92,7 @@ def test_checksum_mismatch_is_one_line(capsys, tmp_path, monkeypatch):
 
 
 def test_models_in_other_environments_report_missing_checkpoints(tmp_path, monkeypatch):
-    from umlip_latents.cli import models_table
+    from umlip_latents.extract import models_table
 
     monkeypatch.setenv("UMLIP_LATENTS_CHECKPOINTS", str(tmp_path))
     rows = {r["key"]: r for r in models_table()}
@@ -105,7 +105,7 @@ def test_models_in_other_environments_report_missing_checkpoints(tmp_path, monke
 def test_fine_tuned_models_stay_out_of_the_panel_unless_asked(tmp_path, monkeypatch):
     import yaml
 
-    from umlip_latents.cli import models_table
+    from umlip_latents.extract import models_table
     from umlip_latents.finetune import derived_spec
     from umlip_latents.registry import get_spec
 

@@ -111,3 +111,25 @@ def test_path_entry_is_verified(tmp_path, monkeypatch):
     assert len(datasets.load_dataset("mine")) == 460
     with pytest.raises(ChecksumMismatch, match="tampered"):
         datasets.load_dataset("tampered")
+
+
+@pytest.mark.parametrize("change, line", [
+    (lambda reg: reg["datasets"]["g2"].pop("source"), "datasets.g2: 'source' is a required property"),
+    (lambda reg: reg["datasets"]["mpf-tp"].update(sha256="abc"), "datasets.mpf-tp.sha256: 'abc' does not match"),
+    (lambda reg: reg["datasets"]["mpf-tp"].pop("member"), "datasets.mpf-tp: 'member' is a dependency of 'archive'"),
+    (lambda reg: reg["collections"]["default"].update(colour="red"),
+     "collections.default: Additional properties are not allowed"),
+])
+def test_schema_rejects_a_bad_dataset_entry(tmp_path, monkeypatch, change, line):
+    import yaml
+
+    from umlip_latents import paths
+
+    reg = yaml.safe_load(paths.datasets_file().read_text())
+    change(reg)
+    (tmp_path / "datasets.yml").write_text(yaml.safe_dump(reg))
+    monkeypatch.setattr(paths, "datasets_file", lambda: tmp_path / "datasets.yml")
+    with pytest.raises(DatasetError) as err:
+        datasets.registry()
+    assert str(err.value).startswith(f"datasets.yml: {line}")
+    assert "\n" not in str(err.value)

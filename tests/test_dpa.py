@@ -21,9 +21,11 @@ import pytest
 from conftest import test_cache_dir as cache_dir  # aliased: pytest would collect test_*
 from conftest import transformed_variants
 
-from umlip_latents.errors import ModelUnavailable, UnsupportedElement
+from umlip_latents.errors import ModelUnavailable
 from umlip_latents.extract import extract_features
-from umlip_latents.extract.worker import environment_python, load_featureset, pack_structures
+from umlip_latents.extract.worker import pack_structures
+from umlip_latents.families import environment_python
+from umlip_latents.features import FeatureSet
 from umlip_latents.registry import ModelSpec, load_registry
 
 #: O before H, Cl before Cu ...: not sorted by atomic number (nor alphabetically)
@@ -67,7 +69,7 @@ def test_models() -> dict:
     paths = {"single": folder / "test-dpa.pt", "multi": folder / "test-dpa-multitask.pt"}
     if not all(p.exists() for p in paths.values()):
         folder.mkdir(parents=True, exist_ok=True)
-        script = ("import json, sys\nfrom umlip_latents.extract.dpa import build_random_dpa3\n"
+        script = ("import json, sys\nfrom umlip_latents.testing import build_random_dpa3\n"
                   "r = json.loads(sys.argv[3])\nbuild_random_dpa3(sys.argv[1], **r)\n"
                   "r.pop('reference_energies'); build_random_dpa3(sys.argv[2], heads=json.loads(sys.argv[4]), **r)\n"
                   "print(json.dumps('ok'))\n")
@@ -85,7 +87,7 @@ import json, sys
 from pathlib import Path
 from umlip_latents.extract import load_adapter
 from umlip_latents.extract.base import run_adapter
-from umlip_latents.extract.worker import save_featureset, unpack_structures
+from umlip_latents.extract.worker import unpack_structures
 from umlip_latents.registry import ModelSpec
 
 folder = Path(sys.argv[2])
@@ -95,7 +97,7 @@ for layer in ("last", "backbone"):
     for batch_size in (None, 1):
         out = folder / f"{layer}-{batch_size}"
         out.mkdir()
-        save_featureset(run_adapter(adapter, structures, layer=layer, batch_size=batch_size), out)
+        run_adapter(adapter, structures, layer=layer, batch_size=batch_size).save(out)
 print(json.dumps("ok"))
 """
 
@@ -114,7 +116,7 @@ def features(test_dpa, crystals, tmp_path_factory):
     _run_dpa(FEATURES_SCRIPT, json.dumps(test_dpa.to_dict()), str(folder))
 
     def get(layer, batch_size=None):
-        return load_featureset(folder / f"{layer}-{batch_size}"), maps
+        return FeatureSet.load(folder / f"{layer}-{batch_size}"), maps
 
     return get
 
@@ -133,30 +135,6 @@ def test_energy_reread_from_last_layer(features):
     assert np.abs(np.bincount(fs.structure_index, flat) - fs.energy).max() > 1e-2
     shifted = fs.readout.atom_energies(fs.values + 0.1, fs.species)
     assert not np.allclose(np.bincount(fs.structure_index, shifted), fs.energy, atol=1e-3)
-
-
-@pytest.mark.parametrize("layer", ["last", "backbone"])
-def test_invariances(layer, features):
-    fs, maps = features(layer)
-    assert fs.values.dtype == np.float32 and np.isfinite(fs.values).all()
-    assert fs.blocks[0].start == 0 and fs.blocks[-1].stop == fs.dim
-    rows = lambda k: fs.values[fs.structure_index == k].astype(np.float64)  # noqa: E731
-    for kind, base, k, idx in maps:
-        err = _rel(rows(k), rows(base)[idx])
-        if kind == "nudged":
-            assert err >= 3 * TOL, f"{layer}: {kind} structure {base} changes the features by only {err:.2e}"
-        else:  # DPA-3 is invariant by construction, rotation included
-            assert err <= TOL, f"{layer}: {kind} structure {base} differs by {err:.2e} (relative)"
-            per_atom = abs(fs.energy[k] / len(idx) - fs.energy[base] / np.sum(fs.structure_index == base))
-            assert per_atom <= TOL, f"{layer}: {kind} structure {base} energy differs by {per_atom:.2e} eV/atom"
-
-
-@pytest.mark.parametrize("layer", ["last", "backbone"])
-def test_batched_equals_single(layer, features):
-    batched, _ = features(layer)
-    single, _ = features(layer, batch_size=1)
-    assert _rel(single.values.astype(np.float64), batched.values.astype(np.float64)) <= TOL
-    np.testing.assert_allclose(batched.energy, single.energy, rtol=0, atol=1e-4)
 
 
 TYPE_MAP_SCRIPT = """
@@ -266,27 +244,16 @@ def test_checkpoint_formats(test_models, test_dpa, tmp_path):
         assert isinstance(res[bad], str) and "branch_a" in res[bad] and "branch_b" in res[bad], res[bad]
 
 
-def test_unsupported_element_names_element_structure_model(test_dpa, crystals):
-    from ase import Atoms
-
-    bad = Atoms("OgH", positions=[[0, 0, 0], [0, 0, 1.5]], cell=[8, 8, 8], pbc=True)
-    bad.info["structure_id"] = "bad-structure-42"
-    with pytest.raises(UnsupportedElement) as err:
-        extract_features(test_dpa, [crystals[0], bad], device="cpu")
-    msg = str(err.value)
-    assert "Og" in msg and "bad-structure-42" in msg and "test-dpa" in msg
-
-
 OFFLINE_SCRIPT = """
 import json, sys
 from umlip_latents.errors import ModelUnavailable
-from umlip_latents.extract.dpa import _checkpoint_path
+from umlip_latents.families import adapter_class
 from umlip_latents.registry import get_spec
 
 out = {}
 for key in sys.argv[1:]:
     try:
-        out[key] = "loaded " + _checkpoint_path(get_spec(key))
+        out[key] = "loaded " + adapter_class("dpa").resolve_checkpoint(get_spec(key))
     except ModelUnavailable as exc:
         out[key] = str(exc)
 # the download path itself, with every source unreachable (a closed port on this machine)
@@ -296,7 +263,7 @@ from deepmd.pretrained import download
 spec = get_spec(sys.argv[1])
 download.MODEL_REGISTRY[spec.source["name"]]["urls"] = ["https://127.0.0.1:9/" + spec.source["filename"]]
 try:
-    out["download"] = "loaded " + _checkpoint_path(spec)
+    out["download"] = "loaded " + adapter_class("dpa").resolve_checkpoint(spec)
 except ModelUnavailable as exc:
     out["download"] = str(exc)
 print(json.dumps(out))

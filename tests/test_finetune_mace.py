@@ -146,10 +146,10 @@ def test_newhead(base, data, tmp_path):
 
 def test_default_replay_is_seeded_and_known_to_base(base):
     from umlip_latents.extract import load_adapter
-    from umlip_latents.finetune.mace import _default_replay
+    from umlip_latents.finetune.mace import default_replay
 
     known = set(load_adapter(base, device="cpu").z_table)
-    a, b = _default_replay(known, 5, seed=1), _default_replay(known, 5, seed=1)
+    a, b = default_replay(known, 5, seed=1), default_replay(known, 5, seed=1)
     assert 0 < len(a) <= 5 and [x.info["structure_id"] for x in a] == [x.info["structure_id"] for x in b]
     assert all(set(int(z) for z in x.numbers) <= known for x in a)
 

@@ -20,9 +20,9 @@ import pytest
 from conftest import test_cache_dir as cache_dir  # aliased: pytest would collect test_*
 from conftest import transformed_variants
 
-from umlip_latents.errors import ModelUnavailable, UnsupportedElement
+from umlip_latents.errors import ModelUnavailable
 from umlip_latents.extract import extract_features
-from umlip_latents.extract.worker import environment_python
+from umlip_latents.families import environment_python
 from umlip_latents.registry import ModelSpec, load_registry
 
 RECIPE = dict(seed=0, architecture="orb_v3_direct_architecture", latent_dim=16, base_mlp_hidden_dim=32,
@@ -42,7 +42,7 @@ def test_orb() -> ModelSpec:
     options = path.with_suffix(".json")
     if not (path.exists() and options.exists()):
         path.parent.mkdir(parents=True, exist_ok=True)
-        script = ("import json, sys\nfrom umlip_latents.extract.orb import build_random_orb\n"
+        script = ("import json, sys\nfrom umlip_latents.testing import build_random_orb\n"
                   "print(json.dumps(build_random_orb(sys.argv[1], **json.loads(sys.argv[2]))))\n")
         proc = subprocess.run([str(environment_python("orb")), "-c", script, str(path), json.dumps(RECIPE)],
                               check=True, capture_output=True, text=True, env=_env())
@@ -99,40 +99,6 @@ def test_energy_reread_from_last_layer(features, test_orb):
     assert err.max() <= TOL, f"energy re-read error with repulsion {err.max():.2e} eV/atom"
 
 
-@pytest.mark.parametrize("layer", ["last", "backbone"])
-def test_invariances(layer, features):
-    fs, maps = features(layer)
-    assert fs.values.dtype == np.float32 and np.isfinite(fs.values).all()
-    assert fs.blocks[0].start == 0 and fs.blocks[-1].stop == fs.dim
-    rows = lambda k: fs.values[fs.structure_index == k].astype(np.float64)  # noqa: E731
-    for kind, base, k, idx in maps:
-        err = _rel(rows(k), rows(base)[idx])
-        if kind in ("nudged", "rotated"):
-            # ORB is not rotationally constrained: a rotation changes the features like a real move
-            assert err >= 3 * TOL, f"{layer}: {kind} structure {base} changes the features by only {err:.2e}"
-        else:
-            assert err <= TOL, f"{layer}: {kind} structure {base} differs by {err:.2e} (relative)"
-
-
-@pytest.mark.parametrize("layer", ["last", "backbone"])
-def test_batched_equals_single(layer, features):
-    batched, _ = features(layer)
-    single, _ = features(layer, batch_size=1)
-    assert _rel(single.values.astype(np.float64), batched.values.astype(np.float64)) <= TOL
-    np.testing.assert_allclose(batched.energy, single.energy, rtol=0, atol=1e-4)
-
-
-def test_unsupported_element_names_element_structure_model(test_orb, crystals):
-    from ase import Atoms
-
-    bad = Atoms("OgH", positions=[[0, 0, 0], [0, 0, 1.5]], cell=[8, 8, 8], pbc=True)
-    bad.info["structure_id"] = "bad-structure-42"
-    with pytest.raises(UnsupportedElement) as err:
-        extract_features(test_orb, [crystals[0], bad], device="cpu")
-    msg = str(err.value)
-    assert "Og" in msg and "bad-structure-42" in msg and "test-orb" in msg
-
-
 def test_registered_checkpoints_offline_say_how_to_fix(monkeypatch, tmp_path, crystals):
     """Every registered ORB is an orb-models loader entry; offline each raises ModelUnavailable naming the file."""
     monkeypatch.setenv("UMLIP_LATENTS_CHECKPOINTS", str(tmp_path))
@@ -143,8 +109,8 @@ def test_registered_checkpoints_offline_say_how_to_fix(monkeypatch, tmp_path, cr
         extract_features(specs[0], crystals[:1], device="cpu")
     assert specs[0].source["filename"] in str(err.value) and "UMLIP_LATENTS_CHECKPOINTS" in str(err.value)
     script = ("import json, sys\nfrom umlip_latents.errors import ModelUnavailable\n"
-              "from umlip_latents.extract.orb import _load_model\nfrom umlip_latents.registry import get_spec\n"
-              "out = {}\nfor key in sys.argv[1:]:\n    try:\n        out[key] = 'loaded ' + _load_model(get_spec(key), 'cpu')[1]\n"
+              "from umlip_latents.families import adapter_class\nfrom umlip_latents.registry import get_spec\n"
+              "out = {}\nfor key in sys.argv[1:]:\n    try:\n        out[key] = 'loaded ' + adapter_class('orb').resolve_checkpoint(get_spec(key))\n"
               "    except ModelUnavailable as exc:\n        out[key] = str(exc)\nprint(json.dumps(out))\n")
     proc = subprocess.run([str(environment_python("orb")), "-c", script, *[s.key for s in specs]], check=True,
                           capture_output=True, text=True, env=_env({"HOME": str(tmp_path)}))

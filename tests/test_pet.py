@@ -1,121 +1,26 @@
-"""The PET adapter (``pet`` environment) on a small PET built here, and its registered checkpoints.
+"""The PET adapter (``pet`` environment): what is specific to PET beyond the family contract.
 
-The model is a randomly initialised metatrain PET (seeded, small hypers) with fixed
-per-element reference energies, exported as a metatomic ``.pt`` and cached across sessions.
-PET is not rotationally constrained, so rotation is checked to *change* the features,
-while translation, permutation and supercells leave them unchanged.
+The contract (``tests/test_family_contract.py``) runs a small random PET
+(:data:`umlip_latents.testing.CONTRACT_MODELS`); here: the registered checkpoints offline.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
 
-import numpy as np
 import pytest
-from conftest import test_cache_dir as cache_dir  # aliased: pytest would collect test_*
-from conftest import transformed_variants
 
-from umlip_latents.errors import ModelUnavailable, UnsupportedElement
+from umlip_latents.errors import ModelUnavailable
 from umlip_latents.extract import extract_features
-from umlip_latents.extract.worker import environment_python
-from umlip_latents.registry import ModelSpec, load_registry
+from umlip_latents.families import environment_python
+from umlip_latents.registry import load_registry
 
-TYPES = [1, 3, 8, 11, 12, 14, 17, 29]
-RECIPE = dict(seed=0, atomic_types=TYPES, reference_energies={z: -1.0 - 0.5 * i for i, z in enumerate(TYPES)},
-              d_pet=16, d_head=16, d_node=32, d_feedforward=32, num_heads=2, num_attention_layers=1,
-              num_gnn_layers=2)
-TOL = 1e-5
 
 
 def _pet_env(extra=None):
     return dict(os.environ, UMLIP_LATENTS_ENV="pet", **(extra or {}))
-
-
-@pytest.fixture(scope="module")
-def test_pet() -> ModelSpec:
-    """A small random PET exported with metatrain in the pet environment, cached across sessions."""
-    key = hashlib.sha256(json.dumps(RECIPE, sort_keys=True).encode()).hexdigest()[:12]
-    path = cache_dir() / f"pet-{key}" / "test-pet.pt"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        script = ("import json, sys\nfrom umlip_latents.extract.pet import build_random_pet\n"
-                  "r = json.loads(sys.argv[2]); r['reference_energies'] = {int(k): v for k, v in r['reference_energies'].items()}\n"
-                  "build_random_pet(sys.argv[1], **r)\n")
-        subprocess.run([str(environment_python("pet")), "-c", script, str(path), json.dumps(RECIPE)],
-                       check=True, capture_output=True, text=True, env=_pet_env())
-    return ModelSpec(key="test-pet", family="pet", environment="pet", source={"kind": "local", "path": str(path)},
-                     training_data="none (random weights, built in the test session)", functional="none",
-                     layers={"last": "energy last-layer features + neighbour weight", "backbone": "feature"},
-                     description="small random PET for tests; not a foundation model")
-
-
-@pytest.fixture(scope="module")
-def features(test_pet, crystals):
-    cache = {}
-
-    def get(layer, batch_size=None):
-        if (layer, batch_size) not in cache:
-            structures, maps = transformed_variants(crystals)
-            cache[layer, batch_size] = (extract_features(test_pet, structures, layer=layer, device="cpu",
-                                                         batch_size=batch_size), maps)
-        return cache[layer, batch_size]
-
-    return get
-
-
-def _rel(got, ref):
-    return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
-
-
-def test_energy_reread_from_last_layer(features):
-    fs, _ = features("last")
-    n_atoms = np.bincount(fs.structure_index)
-    err = np.abs(fs.reread_energy() - fs.energy) / n_atoms
-    assert err.max() <= TOL, f"energy re-read error {err.max():.2e} eV/atom"
-    # the neighbour-weight column is needed: without it the re-read is off
-    w = fs.readout.weight.copy()
-    w[:, -1] = 0.0
-    partial = np.einsum("ij,ij->i", fs.values.astype(np.float64), w[fs.species]) + fs.readout.bias[fs.species]
-    assert np.abs(np.bincount(fs.structure_index, partial) - fs.energy).max() > 1e-3
-    shifted = fs.readout.atom_energies(fs.values + 0.1, fs.species)
-    assert not np.allclose(np.bincount(fs.structure_index, shifted), fs.energy, atol=1e-3)
-
-
-@pytest.mark.parametrize("layer", ["last", "backbone"])
-def test_invariances(layer, features):
-    fs, maps = features(layer)
-    assert fs.values.dtype == np.float32 and np.isfinite(fs.values).all()
-    assert fs.blocks[0].start == 0 and fs.blocks[-1].stop == fs.dim
-    rows = lambda k: fs.values[fs.structure_index == k].astype(np.float64)  # noqa: E731
-    for kind, base, k, idx in maps:
-        err = _rel(rows(k), rows(base)[idx])
-        if kind in ("nudged", "rotated"):
-            # PET is not rotationally constrained: a rotation changes the features like a real move
-            assert err >= 3 * TOL, f"{layer}: {kind} structure {base} changes the features by only {err:.2e}"
-        else:
-            assert err <= TOL, f"{layer}: {kind} structure {base} differs by {err:.2e} (relative)"
-
-
-@pytest.mark.parametrize("layer", ["last", "backbone"])
-def test_batched_equals_single(layer, features):
-    batched, _ = features(layer)
-    single, _ = features(layer, batch_size=1)
-    assert _rel(single.values.astype(np.float64), batched.values.astype(np.float64)) <= TOL
-    np.testing.assert_allclose(batched.energy, single.energy, rtol=0, atol=1e-4)
-
-
-def test_unsupported_element_names_element_structure_model(test_pet, crystals):
-    from ase import Atoms
-
-    bad = Atoms("OgH", positions=[[0, 0, 0], [0, 0, 1.5]], cell=[8, 8, 8], pbc=True)
-    bad.info["structure_id"] = "bad-structure-42"
-    with pytest.raises(UnsupportedElement) as err:
-        extract_features(test_pet, [crystals[0], bad], device="cpu")
-    msg = str(err.value)
-    assert "Og" in msg and "bad-structure-42" in msg and "test-pet" in msg
 
 
 def test_registered_checkpoints_offline_say_how_to_fix(monkeypatch, tmp_path, crystals):
@@ -128,8 +33,8 @@ def test_registered_checkpoints_offline_say_how_to_fix(monkeypatch, tmp_path, cr
         extract_features(specs[0], crystals[:1], device="cpu")
     assert specs[0].source["filename"] in str(err.value) and "UMLIP_LATENTS_CHECKPOINTS" in str(err.value)
     script = ("import json, sys\nfrom umlip_latents.errors import ModelUnavailable\n"
-              "from umlip_latents.extract.pet import _checkpoint_path\nfrom umlip_latents.registry import get_spec\n"
-              "out = {}\nfor key in sys.argv[1:]:\n    try:\n        out[key] = 'loaded ' + _checkpoint_path(get_spec(key))\n"
+              "from umlip_latents.families import adapter_class\nfrom umlip_latents.registry import get_spec\n"
+              "out = {}\nfor key in sys.argv[1:]:\n    try:\n        out[key] = 'loaded ' + adapter_class('pet').resolve_checkpoint(get_spec(key))\n"
               "    except ModelUnavailable as exc:\n        out[key] = str(exc)\nprint(json.dumps(out))\n")
     proc = subprocess.run([str(environment_python("pet")), "-c", script, *[s.key for s in specs]], check=True,
                           capture_output=True, text=True, env=_pet_env())

@@ -24,22 +24,112 @@ def test_every_registry_file_follows_the_schema():
     for spec in reg.values():
         assert spec.parent is None or spec.parent in reg, spec.key
         assert spec.description, spec.key
+        assert spec.citation.strip() and spec.licence.strip(), spec.key
     assert "modal" in reg["sevennet-mf-0"].options
+
+
+GOOD = {"key": "x", "family": "chgnet", "environment": "main",
+        "source": {"kind": "wheel", "package": "chgnet", "name": "0.3.0"},
+        "training_data": "MPtrj", "functional": "PBE", "layers": {"last": "a"},
+        "citation": "Deng et al. (2023)", "licence": "BSD-3-Clause"}
 
 
 @pytest.mark.parametrize("broken, problem", [
     ({"family": "nope"}, "family"),
-    ({"source": {"kind": "wheel"}}, "needs 'package'"),
+    ({"source": {"kind": "wheel"}}, "source.package"),
     ({"layers": {"middle": "x"}}, "layers"),
-    ({"colour": "red"}, "unknown keys"),
+    ({"colour": "red"}, "colour"),
+    ({"environment": "mace"}, "environment"),
 ])
 def test_schema_rejects_bad_entries(tmp_path, broken, problem):
-    good = {"key": "x", "family": "chgnet", "environment": "main",
-            "source": {"kind": "wheel", "package": "chgnet", "name": "0.3.0"},
-            "training_data": "MPtrj", "functional": "PBE", "layers": {"last": "a"}}
-    (tmp_path / "x.yml").write_text(yaml.safe_dump({**good, **broken}))
+    (tmp_path / "x.yml").write_text(yaml.safe_dump({**GOOD, **broken}))
     with pytest.raises(RegistryError, match=problem):
         registry.load_registry(tmp_path)
+
+
+@pytest.mark.parametrize("broken, line", [
+    ({"training_data": 3}, "training_data: 3 is not of type 'string'"),
+    ({"citation": None}, "citation: None is not of type 'string'"),
+    ({"licence": ""}, "licence: '' should be non-empty"),
+    ({"source": {"kind": "loader", "package": "chgnet", "name": "0.3.0"}},
+     "source.filename: 'filename' is a required property"),
+    ({"layers": {"last": "a", "middle": "x"}}, "layers.middle: unknown key; allowed: backbone, last"),
+    ({"options": {"modal": "PBE"}}, "options.modal: unknown key; allowed: on_isolated_atoms"),
+    ({"options": {"on_isolated_atoms": "shout"}}, "options.on_isolated_atoms: 'shout' is not one of"),
+    ({"family": "mace", "options": {"task": "omat"}}, "options.task: unknown key; allowed: head, loader"),
+    ({"family": "nope"}, "family: 'nope' is not one of ['chgnet', 'diep', 'dpa', 'mace'"),
+    ({"derived": {"protocol": "ff", "base": "chgnet-0.3.0", "data_sha256": "0" * 64, "epoch": 1, "run": "r"}},
+     "source.kind: 'local' was expected"),
+])
+def test_a_malformed_entry_gives_one_line_naming_file_entry_and_field(tmp_path, broken, line):
+    entries = [dict(GOOD, key="fine"), {**GOOD, **broken}]
+    (tmp_path / "x.yml").write_text(yaml.safe_dump(entries))
+    with pytest.raises(RegistryError) as err:
+        registry.load_registry(tmp_path)
+    assert str(err.value).startswith(f"x.yml[1] (x): {line}")
+    assert "\n" not in str(err.value)
+
+
+def test_yaml_syntax_error_names_the_file(tmp_path):
+    (tmp_path / "broken.yml").write_text("- key: x\n  family: [chgnet\n")
+    with pytest.raises(RegistryError, match=r"^broken\.yml: line \d+: not valid YAML") as err:
+        registry.load_registry(tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_every_family_of_the_table_has_an_options_schema():
+    from umlip_latents.extract.orb import ARCHITECTURES
+    from umlip_latents.extract.uma import TASKS
+    from umlip_latents.families import load_families, schema
+
+    options = schema("model")["$defs"]["options"]
+    assert set(options) == set(load_families())
+    assert tuple(options["uma"]["properties"]["task"]["enum"]) == TASKS
+    assert tuple(options["orb"]["properties"]["architecture"]["enum"]) == ARCHITECTURES
+
+
+def test_a_family_without_an_options_schema_takes_any_options(tmp_path, monkeypatch):
+    from umlip_latents import paths
+
+    table = yaml.safe_load(paths.families_file().read_text())
+    table["toy"] = table["chgnet"]
+    (tmp_path / "families.yml").write_text(yaml.safe_dump(table))
+    monkeypatch.setenv("UMLIP_LATENTS_FAMILIES", str(tmp_path / "families.yml"))
+    spec = registry.validate(dict(GOOD, family="toy", options={"anything": [1, 2]}))
+    assert spec.family == "toy" and spec.options == {"anything": [1, 2]}
+
+
+def test_malformed_fine_tuning_registry_is_skipped_with_a_warning(tmp_path, monkeypatch):
+    from umlip_latents.finetune import derived_spec
+
+    monkeypatch.setenv("UMLIP_LATENTS_FINETUNE", str(tmp_path))
+    base = registry.get_spec("chgnet-0.3.0")
+    ckpt = tmp_path / "run2" / "epoch-001.pth.tar"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"")
+    good = derived_spec(base, "run2-e1", ckpt, "ff", "0" * 64, 1, "run2", 10, "test data")
+    assert (good.citation, good.licence) == (base.citation, base.licence)
+    (tmp_path / "run2" / "models.yml").write_text(yaml.safe_dump([good.to_dict()]))
+    bad = {k: v for k, v in good.to_dict().items() if k != "citation"}
+    (tmp_path / "run1").mkdir()
+    (tmp_path / "run1" / "models.yml").write_text(yaml.safe_dump([dict(bad, key="run1-e1")]))
+    (tmp_path / "run3").mkdir()
+    (tmp_path / "run3" / "models.yml").write_text("- key: [\n")
+    with pytest.warns(RuntimeWarning) as caught:
+        reg = registry.load_registry()
+    messages = [str(w.message) for w in caught]
+    assert any("run1/models.yml[0] (run1-e1): citation: 'citation' is a required property" in m for m in messages)
+    assert any("run3/models.yml: line" in m for m in messages)
+    assert "run2-e1" in reg and "run1-e1" not in reg and "chgnet-0.3.0" in reg
+
+
+def test_a_model_trained_from_scratch_keeps_no_upstream_licence(tmp_path):
+    from umlip_latents.finetune import derived_spec
+
+    base = registry.get_spec("mace-off23-small")
+    spec = derived_spec(base, "b-e1", tmp_path / "b.model", "bespoke", "0" * 64, 1, "b", 10, "test data")
+    assert spec.citation == base.citation and "ASL" not in spec.licence
+    assert derived_spec(base, "f-e1", tmp_path / "f.model", "ff", "0" * 64, 1, "f", 10, "x").licence == base.licence
 
 
 def test_unknown_model_lists_known_ones():

@@ -53,7 +53,7 @@ def test_sevenn_energy_equals_its_own_calculator(crystals, tmp_path):
     import json
     import subprocess
 
-    from umlip_latents.extract.worker import environment_python
+    from umlip_latents.families import environment_python
 
     fs = extract_features("sevennet-0", crystals, device="cpu")
     script = (
@@ -80,7 +80,7 @@ def test_sevenn_energy_equals_its_own_calculator(crystals, tmp_path):
 def _live_worker(name="sevenn"):
     from umlip_latents.extract import worker
 
-    return worker._SERVERS[name][1].proc
+    return worker.live_worker(name)
 
 
 def test_worker_is_kept_between_calls_and_replaced_when_needed(crystals, monkeypatch):
@@ -93,8 +93,11 @@ def test_worker_is_kept_between_calls_and_replaced_when_needed(crystals, monkeyp
     assert _live_worker().pid == pid
     np.testing.assert_array_equal(first.values, again.values)
     # an unexpected exception in the child comes back as ExtractionFailed with its message ...
-    with pytest.raises(ExtractionFailed, match="ValueError: model sevennet-0 offers layers"):
+    with pytest.raises(ExtractionFailed, match="ValueError: model sevennet-0 offers layers") as err:
         extract_features("sevennet-0", crystals[:1], layer="middle", device="cpu")
+    # ... with the child's traceback attached (attribute, and a note under the parent's traceback)
+    assert "Traceback" in err.value.remote_traceback and "run_adapter" in err.value.remote_traceback
+    assert any("traceback in environment sevenn" in n for n in err.value.__notes__)
     # ... and the next call starts a new worker
     extract_features("sevennet-0", crystals[:1], device="cpu")
     assert _live_worker().pid != pid
@@ -108,12 +111,66 @@ def test_worker_is_kept_between_calls_and_replaced_when_needed(crystals, monkeyp
     monkeypatch.setenv("UMLIP_LATENTS_TEST_MARKER", "1")
     extract_features("sevennet-0", crystals[:1], device="cpu")
     assert _live_worker().pid != pid
+    # ... but a variable outside the allow-list (worker.KEY_VARIABLES) does not
+    pid = _live_worker().pid
+    monkeypatch.setenv("SOME_UNRELATED_SETTING", "1")
+    extract_features("sevennet-0", crystals[:1], device="cpu")
+    assert _live_worker().pid == pid
+
+
+def test_stopped_worker_times_out_with_a_clear_message(crystals):
+    """A worker that never answers (SIGSTOP) makes the call fail within its timeout; the worker is killed."""
+    import signal
+    import time
+
+    from umlip_latents.extract.worker import WorkerTimeout
+
+    extract_features("sevennet-0", crystals[:1], device="cpu")
+    proc = _live_worker()
+    proc.send_signal(signal.SIGSTOP)
+    t0 = time.monotonic()
+    with pytest.raises(WorkerTimeout, match="did not answer 'extract' within 3 s.*UMLIP_LATENTS_WORKER_TIMEOUT"):
+        extract_features("sevennet-0", crystals[:1], device="cpu", timeout=3)
+    assert time.monotonic() - t0 < 30
+    assert proc.wait(timeout=10) != 0 and _live_worker() is None
+    # the next call starts a fresh worker and works
+    assert extract_features("sevennet-0", crystals[:1], device="cpu").n_structures == 1
+
+
+def test_timeout_from_the_environment(monkeypatch):
+    from umlip_latents.extract.worker import default_timeout
+
+    assert default_timeout("extract", 1000) > default_timeout("extract", 10) >= default_timeout("versions")
+    monkeypatch.setenv("UMLIP_LATENTS_WORKER_TIMEOUT", "7")
+    assert default_timeout("extract", 10**6) == 7
+    monkeypatch.setenv("UMLIP_LATENTS_WORKER_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="UMLIP_LATENTS_WORKER_TIMEOUT"):
+        default_timeout("extract")
+
+
+def test_ops_other_than_extract_run_in_the_family_environment(tmp_path):
+    """availability, versions and supported elements come from the adapter in its own environment."""
+    from umlip_latents.extract import availability
+    from umlip_latents.extract.worker import call
+
+    spec = get_spec("sevennet-0")
+    assert availability(spec) == (True, "bundled in the sevenn wheel (environment sevenn)")
+    missing = ModelSpec(**{**spec.to_dict(), "key": "sevennet-missing",
+                           "source": {"kind": "local", "path": str(tmp_path / "nope.pth")}})
+    ok, why = availability(missing)
+    assert not ok and "nope.pth" in why and "UMLIP_LATENTS_CHECKPOINTS" in why
+    versions = call("sevenn", "versions", {"spec": spec.to_dict(), "device": "cpu"})
+    assert versions["sevenn"] and versions["e3nn"].split(".")[:2] != ["0", "4"]  # e3nn>=0.5 there, 0.4.4 here
+    elements = call("sevenn", "supported_elements", {"spec": spec.to_dict(), "device": "cpu"})
+    assert {1, 8, 14, 29} <= set(elements) and all(isinstance(z, int) for z in elements)
+    with pytest.raises(ValueError, match="unknown worker op"):
+        call("sevenn", "train", {})
 
 
 def test_one_process_per_call_when_asked(crystals, monkeypatch):
     from umlip_latents.extract import worker
 
     monkeypatch.setenv("UMLIP_LATENTS_KEEP_WORKERS", "0")
-    worker._close_servers()
+    worker.close_workers()
     fs = extract_features("sevennet-0", crystals[:1], device="cpu")
-    assert fs.n_structures == 1 and "sevenn" not in worker._SERVERS
+    assert fs.n_structures == 1 and worker.live_worker("sevenn") is None

@@ -101,7 +101,7 @@ def models_markdown(specs: Mapping, availability: Mapping[str, tuple[bool, str]]
     specs : mapping of key to :class:`umlip_latents.registry.ModelSpec`
         As returned by :func:`umlip_latents.registry.load_registry`.
     availability : mapping of key to ``(available, reason)``, optional
-        As in ``umlip_latents.cli.models_table`` (``available``, ``why``). Models missing
+        As in ``umlip_latents.extract.models_table`` (``available``, ``why``). Models missing
         from it (or all, when it is ``None``) are marked "not checked".
     """
     availability = availability or {}
@@ -409,7 +409,7 @@ def write_generated(notebooks_dir: str | Path, book_dir: str | Path | None = Non
 
     availability = None
     if check_availability:
-        from .cli import models_table
+        from .extract import models_table
 
         availability = {r["key"]: (r["available"], r["why"]) for r in models_table()}
     pages = {"models.md": models_markdown(load_registry(derived=False), availability),

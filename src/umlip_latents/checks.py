@@ -20,34 +20,45 @@ def random_rotation(seed: int) -> np.ndarray:
     return q
 
 
+#: kinds of :func:`transformed_copies` -> the invariance of the family table they test
+INVARIANCE_OF = {"rotated": "rotation", "translated": "translation", "permuted": "permutation"}
+
+
 def transformed_copies(structures: list, seed: int = 0) -> tuple[list, list]:
-    """Rotated+translated and atom-permuted copies of each structure.
+    """Rotated, translated and atom-permuted copies of each structure.
 
     Returns
     -------
-    copies : list of ase.Atoms, length 2 * len(structures)
-    maps : list of (kind, base_index, copy_index, atom_map) with ``atom_map[j]`` the base atom of copy atom j
+    copies : list of ase.Atoms, length 3 * len(structures)
+    maps : list of (kind, base_index, copy_index, atom_map) with ``atom_map[j]`` the base atom of copy
+        atom j; ``kind`` is a key of :data:`INVARIANCE_OF`
     """
     rng = np.random.default_rng(seed)
     copies, maps = [], []
     for i, atoms in enumerate(structures):
         rot = random_rotation(seed + i)
-        moved = atoms.copy()
-        moved.set_cell(atoms.cell.array @ rot.T, scale_atoms=False)
-        moved.positions = atoms.positions @ rot.T + rng.normal(size=3)
+        rotated = atoms.copy()
+        rotated.set_cell(atoms.cell.array @ rot.T, scale_atoms=False)
+        rotated.positions = atoms.positions @ rot.T
+        translated = atoms.copy()
+        translated.positions = atoms.positions + rng.normal(size=3)
         perm = rng.permutation(len(atoms))
         shuffled = atoms[perm]
-        for kind, a, amap in (("rotated+translated", moved, np.arange(len(atoms))), ("permuted", shuffled, perm)):
+        same = np.arange(len(atoms))
+        for kind, a, amap in (("rotated", rotated, same), ("translated", translated, same), ("permuted", shuffled, perm)):
             a.info["structure_id"] = f"{atoms.info.get('structure_id', i)}-{kind}"
             maps.append((kind, i, len(copies), amap))
             copies.append(a)
     return copies, maps
 
 
-def invariance_error(base: FeatureSet, copies: FeatureSet, maps: list) -> float:
-    """Largest relative difference ``||copy - base|| / ||base||`` (Frobenius, per structure) over the copies."""
+def invariance_error(base: FeatureSet, copies: FeatureSet, maps: list, kinds=None) -> float:
+    """Largest relative difference ``||copy - base|| / ||base||`` (Frobenius, per structure) over the copies
+    (of the given ``kinds`` only, when given)."""
     worst = 0.0
-    for _, i, k, amap in maps:
+    for kind, i, k, amap in maps:
+        if kinds is not None and kind not in kinds:
+            continue
         ref = base.values[base.structure_index == i].astype(np.float64)
         got = copies.values[copies.structure_index == k].astype(np.float64)
         worst = max(worst, float(np.linalg.norm(got - ref[amap]) / max(np.linalg.norm(ref), 1e-30)))

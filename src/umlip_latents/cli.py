@@ -29,47 +29,16 @@ def _datasets(args) -> int:
     return 0
 
 
-def models_table(derived: bool = False):
-    """One row per registered model: key, family, environment, source, availability.
-
-    With ``derived``, also the models fine-tuning runs made (``finetune_dir()/*/models.yml``);
-    the analyses' model panels leave them out.
-    """
-    from .extract import adapter_class
-    from .registry import load_registry
-
-    rows = []
-    for key, spec in sorted(load_registry(derived=derived).items()):
-        try:
-            ok, why = adapter_class(spec.family).availability(spec) if spec.environment == "main" else _env_availability(spec)
-        except ImportError as exc:
-            ok, why = False, f"{spec.family} not importable in this environment ({exc}); run `make setup`"
-        rows.append({"key": key, "family": spec.family, "environment": spec.environment,
-                     "source": spec.source["kind"], "training_data": spec.training_data,
-                     "functional": spec.functional, "available": ok, "why": why})
-    return rows
-
-
-def _env_availability(spec) -> tuple[bool, str]:
-    from .extract.worker import environment_python
-
-    python = environment_python(spec.environment)
-    if not python.exists():
-        return False, f"environment {spec.environment!r} missing ({python.parent.parent}); run `make setup`"
-    if spec.source["kind"] == "wheel":
-        return True, f"bundled in the {spec.source['package']} wheel (environment {spec.environment})"
-    from .registry import local_checkpoint
-
-    path = local_checkpoint(spec)
-    if path is not None:
-        return True, f"local checkpoint {path} (environment {spec.environment})"
-    if spec.source["kind"] == "local":
-        return False, f"local checkpoint {spec.source['path']!r} not in the checkpoints folder ($UMLIP_LATENTS_CHECKPOINTS)"
-    return False, (f"{spec.source['package']} downloads {spec.source['name']!r} on first use (needs internet); offline, "
-                   f"put {spec.source['filename']!r} into the checkpoints folder ($UMLIP_LATENTS_CHECKPOINTS)")
-
-
 def _models(args) -> int:
+    if args.action == "keys":  # no availability probe: for scripts (the Makefile's offline panel)
+        from .registry import load_registry
+
+        for key, spec in sorted(load_registry(derived=args.derived).items()):
+            if args.source is None or spec.source["kind"] == args.source:
+                print(key)
+        return 0
+    from .extract import models_table
+
     for row in models_table(derived=args.derived):
         flag = "yes" if row["available"] else "no "
         print(f"{row['key']:24s} {row['family']:7s} env={row['environment']:7s} available={flag} {row['why']}")
@@ -141,8 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("names", nargs="*")
     d.set_defaults(func=_datasets)
     m = sub.add_parser("models", help="list registered models and whether they can be loaded here")
-    m.add_argument("action", choices=["list"])
+    m.add_argument("action", choices=["list", "keys"], help="list: with availability; keys: registry keys only")
     m.add_argument("--derived", action="store_true", help="also list the models made by fine-tuning runs")
+    m.add_argument("--source", choices=["wheel", "loader", "local"], help="keys: only models of this source kind")
     m.set_defaults(func=_models)
     e = sub.add_parser("extract", help="extract features into the store")
     e.add_argument("--dataset", required=True)

@@ -27,6 +27,7 @@ import yaml
 
 from . import paths
 from .errors import ChecksumMismatch, DatasetError, StructureError
+from .families import schema_errors
 
 # Keys of extxyz headers that identify a frame, in order of preference.
 _ID_KEYS = ("mptrj_snapshot_id", "alexandria_id", "internal_id", "structure_id", "mp_id")
@@ -34,12 +35,24 @@ _ID_KEYS = ("mptrj_snapshot_id", "alexandria_id", "internal_id", "structure_id",
 
 @lru_cache(maxsize=None)
 def _registry_cached(path: str, mtime: float) -> dict:
-    with open(path) as fh:
-        return yaml.safe_load(fh)
+    name = Path(path).name
+    try:
+        with open(path) as fh:
+            doc = yaml.safe_load(fh)
+    except yaml.YAMLError as exc:
+        raise DatasetError(f"{name}: not valid YAML ({' '.join(str(exc).split())})") from None
+    errors = schema_errors(doc, "datasets", name)
+    if errors:
+        raise DatasetError(errors[0] + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""))
+    return doc
 
 
 def registry() -> dict:
-    """The parsed ``data/datasets.yml`` (archives, datasets, collections)."""
+    """The parsed ``data/datasets.yml`` (archives, datasets, collections).
+
+    Validated against ``schemas/datasets.schema.json`` (where ``jsonschema`` is importable): a
+    malformed file raises :class:`DatasetError` with one line naming the file, the entry and the field.
+    """
     path = paths.datasets_file()
     return _registry_cached(str(path), path.stat().st_mtime)
 

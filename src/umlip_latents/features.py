@@ -129,6 +129,35 @@ class FeatureSet:
             subsets=None if self.subsets is None else [self.subsets[i] for i in order],
         )
 
+    def save(self, folder) -> None:
+        """Write to ``folder`` (``result.npz``: exact arrays; ``result.json``: blocks, meta, ids); see :meth:`load`."""
+        import json
+        from pathlib import Path
+
+        folder = Path(folder)
+        arrays = dict(values=self.values, structure_index=self.structure_index, species=self.species,
+                      energy=self.energy if self.energy is not None else np.zeros(0))
+        if self.readout is not None:
+            arrays.update(readout_weight=self.readout.weight, readout_bias=self.readout.bias)
+        np.savez(folder / "result.npz", **arrays)
+        (folder / "result.json").write_text(json.dumps({
+            "blocks": [b.to_dict() for b in self.blocks], "meta": self.meta, "structure_ids": self.structure_ids,
+        }))
+
+    @classmethod
+    def load(cls, folder) -> "FeatureSet":
+        """Read what :meth:`save` wrote."""
+        import json
+        from pathlib import Path
+
+        folder = Path(folder)
+        d = np.load(folder / "result.npz")
+        info = json.loads((folder / "result.json").read_text())
+        readout = Readout(d["readout_weight"], d["readout_bias"]) if "readout_weight" in d else None
+        return cls(values=d["values"], structure_index=d["structure_index"], species=d["species"],
+                   blocks=[Block(**b) for b in info["blocks"]], meta=info["meta"],
+                   structure_ids=info["structure_ids"], energy=d["energy"], readout=readout)
+
     def reread_energy(self) -> np.ndarray:
         """Structure energies recomputed from the features with the model's readout weights."""
         if self.readout is None:

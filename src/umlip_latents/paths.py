@@ -9,6 +9,8 @@ variable                    default                          holds
 ``UMLIP_LATENTS_STORE``     ``<project>/store``              extracted features
 ``UMLIP_LATENTS_CHECKPOINTS`` ``<project>/checkpoints``      local model checkpoints
 ``UMLIP_LATENTS_ENVS``      ``<project>/.envs``              per-family virtual environments
+``UMLIP_LATENTS_MODELS``    ``<project>/models``             model registry (one YAML per family)
+``UMLIP_LATENTS_FAMILIES``  ``<project>/models/families.yml`` the family table
 ==========================  ===============================  ==================================
 """
 
@@ -57,8 +59,13 @@ def envs_dir() -> Path:
 
 
 def models_dir() -> Path:
-    """Model registry folder (one YAML file per model)."""
-    return project_root() / "models"
+    """Model registry folder (one YAML file per family, beside the family table)."""
+    return _from_env("UMLIP_LATENTS_MODELS", project_root() / "models")
+
+
+def families_file() -> Path:
+    """The family table (:mod:`umlip_latents.families`)."""
+    return _from_env("UMLIP_LATENTS_FAMILIES", project_root() / "models" / "families.yml")
 
 
 def datasets_file() -> Path:

@@ -143,7 +143,7 @@ def cumulant_features(values: np.ndarray, structure_index: np.ndarray, order: in
         raise ValueError(f"values must be 2-D (n_atoms, D), got shape {values.shape}")
     if not (np.issubdtype(values.dtype, np.floating) or np.issubdtype(values.dtype, np.integer)):
         raise ValueError(f"values must be numeric, got dtype {values.dtype}")
-    index, counts = _check_index(structure_index, len(values), n_structures)
+    index, counts = check_index(structure_index, len(values), n_structures)
     n_struct, dim = len(counts), values.shape[1]
     out = np.empty((n_struct, order * dim), dtype=np.float64)
     if n_struct == 0 or dim == 0:
@@ -209,7 +209,7 @@ def _check_order(order) -> int:
     return int(order)
 
 
-def _check_index(structure_index, n_atoms: int, n_structures) -> tuple[np.ndarray, np.ndarray]:
+def check_index(structure_index, n_atoms: int, n_structures) -> tuple[np.ndarray, np.ndarray]:
     """Validated int64 index and per-structure atom counts (all >= 1)."""
     index = np.asarray(structure_index)
     if index.ndim != 1 or len(index) != n_atoms:

@@ -10,7 +10,8 @@ Layout: ``<store>/<dataset>/<model>/<layer>/`` holding
   dataset hash, parameters, timings and the cache key.
 
 The cache key hashes every input (model spec, layer, the structures' numbers, positions, cells
-and pbc, device, package versions): a stored entry is reused only when the key matches, and any
+and pbc, device, package versions, and the code that makes the features: the family's adapter
+module and the modules every adapter shares, :func:`umlip_latents.families.code_digest`): a stored entry is reused only when the key matches, and any
 change recomputes. Writes are atomic. Extraction runs in shards of ``shard_size`` structures
 written to a staging folder; a run killed mid-way resumes from the finished shards and ends
 byte-identical to an uninterrupted run.
@@ -30,6 +31,7 @@ import numpy as np
 
 from . import paths
 from .datasets import load_dataset, structures_hash
+from .families import code_digest, environment_python, get_family
 from .features import Block, FeatureSet, Readout
 from .registry import ModelSpec, get_spec, local_checkpoint
 
@@ -43,18 +45,23 @@ def _package_version(name: str) -> str | None:
         return None
 
 
-def family_versions(spec: ModelSpec) -> dict:
-    """Versions of the model's package in the environment it runs in (read without importing it)."""
-    from .extract.worker import environment_python
+def _normal(name: str) -> str:
+    return name.lower().replace("_", "-")
 
-    package = spec.source.get("package", spec.family)
+
+def family_versions(spec: ModelSpec) -> dict:
+    """Versions of the family's distributions (its row's ``versions``) in the environment the model
+    runs in, read from that environment's metadata without importing anything."""
+    wanted = {_normal(d): d for d in get_family(spec.family).versions}
     if spec.environment == "main":
-        return {package: _package_version(package)}
+        return {d: _package_version(d) for d in wanted.values()}
     site = list(environment_python(spec.environment).parent.parent.glob("lib/python*/site-packages"))
+    out = dict.fromkeys(wanted.values())
     for dist in metadata.distributions(path=[str(s) for s in site]):
-        if dist.metadata["Name"].lower().replace("_", "-") == package.lower():
-            return {package: dist.version}
-    return {package: None}
+        name = _normal(dist.metadata["Name"] or "")
+        if name in wanted:
+            out[wanted[name]] = dist.version
+    return out
 
 
 def cache_key(spec: ModelSpec, layer: str, structures_sha: str, device: str, labels_sha: str | None = None) -> str:
@@ -75,6 +82,7 @@ def cache_key(spec: ModelSpec, layer: str, structures_sha: str, device: str, lab
         "device": device.split(":")[0],
         "umlip_latents": _package_version("umlip-latents"),
         "family": family_versions(spec),
+        "code": code_digest(spec.family),
         "checkpoint": _file_identity(ckpt) if ckpt else None,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -108,12 +116,10 @@ def _atomic_save(path: Path, save) -> None:
 
 
 def _write_shard(path: Path, fs: FeatureSet) -> None:
-    from .extract.worker import save_featureset
-
     tmpdir = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmpdir, ignore_errors=True)
     tmpdir.mkdir()
-    save_featureset(fs, tmpdir)
+    fs.save(tmpdir)
     os.replace(tmpdir, path)
 
 
@@ -250,9 +256,7 @@ def get_features(dataset: str, model: str | ModelSpec, layer: str = "last", *, s
         if not shard.exists():
             _write_shard(shard, extract(spec, chunk, layer=layer, device=device, batch_size=batch_size,
                                         on_unsupported=on_unsupported, workers=workers))
-        from .extract.worker import load_featureset
-
-        parts.append(load_featureset(shard))
+        parts.append(FeatureSet.load(shard))
         if progress is not None:
             progress(len(chunk), sum(len(a) for a in chunk))
     fs = _concat(parts)

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .metrics import gfre, split_indices
-from .pooling import MAX_ORDER, _check_index, cumulant_features
+from .pooling import MAX_ORDER, check_index, cumulant_features
 
 #: Ridge penalties :func:`downstream_ridge_error` chooses from in each fold (standardised X).
 DOWNSTREAM_ALPHAS = np.logspace(-3, 5, 17)
@@ -63,7 +63,7 @@ def composition_fractions(species, structure_index, n_structures: int | None = N
     if species.ndim != 1 or (species.size and not np.issubdtype(species.dtype, np.integer)):
         raise ValueError(f"species must be a 1-D integer array, got shape {species.shape} "
                          f"dtype {species.dtype}")
-    index, counts = _check_index(structure_index, len(species), n_structures)
+    index, counts = check_index(structure_index, len(species), n_structures)
     elements = np.unique(species) if elements is None else np.asarray(elements, dtype=np.int64)
     column = np.searchsorted(elements, species)
     missing = (column >= len(elements)) | (elements[np.minimum(column, len(elements) - 1)] != species)

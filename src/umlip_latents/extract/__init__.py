@@ -1,15 +1,14 @@
 """Per-atom latent features of registered models: :func:`extract_features`.
 
-One adapter module per family (``mace``, ``chgnet``, ``sevenn``, ``diep``, ``pet``, ``uma``,
-``dpa``, ``mattersim``, ``orb``) behind the interface of :mod:`umlip_latents.extract.base`. A
-family whose environment is not the one running (e.g. SevenNet, which needs ``e3nn>=0.5`` while
-mace-torch pins ``e3nn==0.4.4``) runs in its own virtual environment through
-:mod:`umlip_latents.extract.worker`.
+One adapter module per family behind the interface of :mod:`umlip_latents.extract.base`; which
+module, and which environment, is the family's row of ``models/families.yml``
+(:mod:`umlip_latents.families`). A family whose environment is not the one running (e.g.
+SevenNet, which needs ``e3nn>=0.5`` while mace-torch pins ``e3nn==0.4.4``) runs in its own
+virtual environment through :func:`umlip_latents.extract.worker.call`.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from functools import lru_cache
@@ -17,28 +16,11 @@ from functools import lru_cache
 from ..errors import ModelUnavailable
 from ..features import FeatureSet
 from ..registry import ModelSpec, get_spec, local_checkpoint
+from ..families import adapter_class
 from .base import Adapter, resolve_device, run_adapter
-
-ADAPTERS = {
-    "mace": "umlip_latents.extract.mace:MaceAdapter",
-    "chgnet": "umlip_latents.extract.chgnet:ChgnetAdapter",
-    "sevenn": "umlip_latents.extract.sevenn:SevennAdapter",
-    "diep": "umlip_latents.extract.diep:DiepAdapter",
-    "pet": "umlip_latents.extract.pet:PetAdapter",
-    "uma": "umlip_latents.extract.uma:UmaAdapter",
-    "dpa": "umlip_latents.extract.dpa:DpaAdapter",
-    "mattersim": "umlip_latents.extract.mattersim:MattersimAdapter",
-    "orb": "umlip_latents.extract.orb:OrbAdapter",
-}
 
 #: environment variable naming the environment this process runs in (set by the worker).
 ENV_VAR = "UMLIP_LATENTS_ENV"
-
-
-def adapter_class(family: str) -> type[Adapter]:
-    """The adapter class of a family (imports its module, and so the family's package)."""
-    module, name = ADAPTERS[family].split(":")
-    return getattr(importlib.import_module(module), name)
 
 
 def current_environment() -> str:
@@ -68,9 +50,16 @@ def _cached_adapter(spec_json: str, device: str, stamp: str = "") -> Adapter:
     return load_adapter(ModelSpec(**json.loads(spec_json)), device)
 
 
+def loaded_adapter(spec: ModelSpec, device: str = "auto") -> Adapter:
+    """:func:`load_adapter` in this process, reused across calls while the checkpoint file is unchanged."""
+    ckpt = local_checkpoint(spec)
+    stamp = f"{ckpt}:{ckpt.stat().st_size}:{ckpt.stat().st_mtime_ns}" if ckpt else ""
+    return _cached_adapter(json.dumps(spec.to_dict(), sort_keys=True), resolve_device(device), stamp)
+
+
 def extract_features(model_key: str | ModelSpec, structures: list, layer: str = "last", device: str = "auto",
                      batch_size: int | None = None, on_unsupported: str = "raise",
-                     workers: int | str = 1) -> FeatureSet:
+                     workers: int | str = 1, timeout: float | None = None) -> FeatureSet:
     """Per-atom features of ``model_key`` on ``structures``.
 
     Parameters
@@ -92,6 +81,10 @@ def extract_features(model_key: str | ModelSpec, structures: list, layer: str = 
     workers
         CPU worker processes of one thread each (``"auto"``: one per core); the batches and
         so the features are those of ``workers=1``. Ignored (1) on a GPU with ``"auto"``.
+    timeout
+        Seconds a family-environment worker may take before it is killed and the call fails
+        (default: :func:`umlip_latents.extract.worker.default_timeout`, scaled to the atoms;
+        ``$UMLIP_LATENTS_WORKER_TIMEOUT`` overrides it). Unused in the running environment.
 
     Returns
     -------
@@ -103,13 +96,50 @@ def extract_features(model_key: str | ModelSpec, structures: list, layer: str = 
     if spec.environment != current_environment():
         from .worker import run_in_environment
 
-        return run_in_environment(spec, structures, layer=layer, device=device,
-                                  batch_size=batch_size, on_unsupported=on_unsupported, workers=workers)
-    ckpt = local_checkpoint(spec)
-    stamp = f"{ckpt}:{ckpt.stat().st_size}:{ckpt.stat().st_mtime_ns}" if ckpt else ""
-    adapter = _cached_adapter(json.dumps(spec.to_dict(), sort_keys=True), resolve_device(device), stamp)
+        return run_in_environment(spec, structures, layer=layer, device=device, batch_size=batch_size,
+                                  on_unsupported=on_unsupported, workers=workers, timeout=timeout)
+    adapter = loaded_adapter(spec, device)
     return run_adapter(adapter, structures, layer=layer, batch_size=batch_size, on_unsupported=on_unsupported,
                        workers=workers)
 
 
-__all__ = ["extract_features", "load_adapter", "adapter_class", "FeatureSet", "ADAPTERS"]
+def availability(model: str | ModelSpec) -> tuple[bool, str]:
+    """Whether ``model``'s weights can be had here without downloading, and why (never downloads).
+
+    Asked of the family's adapter in the model's own environment (:func:`worker.call`); a
+    missing environment or package is a reason, not an error.
+    """
+    spec = get_spec(model)
+    if spec.environment == current_environment():
+        try:
+            return adapter_class(spec.family).availability(spec)
+        except ImportError as exc:
+            return False, f"{spec.family} not importable in this environment ({exc}); run `make setup`"
+    from .worker import call
+
+    try:
+        answer = call(spec.environment, "availability", {"spec": spec.to_dict()})
+    except ModelUnavailable as exc:
+        return False, str(exc)
+    return answer["available"], f"{answer['why']} (environment {spec.environment})"
+
+
+def models_table(derived: bool = False) -> list[dict]:
+    """One row per registered model: key, family, environment, source, training data, availability.
+
+    With ``derived``, also the models fine-tuning runs made (``finetune_dir()/*/models.yml``);
+    the analyses' model panels leave them out.
+    """
+    from ..registry import load_registry
+
+    rows = []
+    for key, spec in sorted(load_registry(derived=derived).items()):
+        ok, why = availability(spec)
+        rows.append({"key": key, "family": spec.family, "environment": spec.environment,
+                     "source": spec.source["kind"], "training_data": spec.training_data,
+                     "functional": spec.functional, "available": ok, "why": why})
+    return rows
+
+
+__all__ = ["extract_features", "load_adapter", "adapter_class", "FeatureSet", "current_environment", "loaded_adapter",
+           "availability", "models_table"]

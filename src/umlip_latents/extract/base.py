@@ -10,15 +10,20 @@ derived from the model's own modules, so energies can be re-read from stored fea
 from __future__ import annotations
 
 import abc
+import importlib
 import os
 import time
+from importlib import metadata
+from pathlib import Path
 
 import numpy as np
 
+from .. import paths
+from ..datasets import sha256_file as file_sha256
 from ..datasets import validate_structure
-from ..errors import UnsupportedElement
+from ..errors import ModelUnavailable, UnsupportedElement
 from ..features import Block, FeatureSet, Readout
-from ..registry import ModelSpec
+from ..registry import ModelSpec, local_checkpoint
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -31,31 +36,143 @@ def resolve_device(device: str = "auto") -> str:
 
 
 class Adapter(abc.ABC):
-    """One loaded model of a family. Subclasses live in ``extract/<family>.py``."""
+    """One loaded model of a family. Subclasses live in ``extract/<family>.py``.
 
+    Written once here: where a checkpoint is found (:meth:`find_checkpoint`: the wheel, the
+    checkpoints folder, the package's own cache) or downloaded (:meth:`resolve_checkpoint`),
+    whether a model can be had offline and why not (:meth:`availability`), loading with errors
+    wrapped into :class:`ModelUnavailable` saying how to fix them (:meth:`load`), package
+    versions, the checkpoint's sha256 and the per-species readout (:func:`species_readout`).
+    A family adapter keeps its hooks: :meth:`open` (build the model from a file),
+    :meth:`bundled_checkpoint`, :meth:`cached_checkpoint` and :meth:`download_checkpoint`
+    where its package has them, :meth:`forward` and :meth:`readout`.
+    """
+
+    #: the family's row of ``models/families.yml``, set by :func:`umlip_latents.families.adapter_class`
+    family = None
     #: atoms per forward pass when the caller gives no batch size, on a CPU and on a GPU. On a
     #: CPU the work is compute-bound and batching buys little, while large batches are slower
     #: (their edge tensors leave the caches): on 100 structures of the default set, SevenNet-0
     #: took 6.0 s in batches of 50 atoms and 12.2 s in batches of 2000, DIEP 15.3 s and 23.0 s,
     #: CHGNet 3.4 s (500) and 4.2 s (2000), one thread. On a GPU large batches amortise kernel
-    #: launches.
-    default_batch_atoms = 500
-    default_batch_atoms_gpu = 8000
+    #: launches. (CHGNet and MACE take 500 / 8000; SevenNet and DIEP 100 on a CPU.)
+    default_batch_atoms = 1000
+    default_batch_atoms_gpu = 4000
 
-    def __init__(self, spec: ModelSpec, device: str):
+    def __init__(self, spec: ModelSpec, device: str, path=None):
         self.spec = spec
         self.device = device
+        #: the checkpoint file (or folder) the weights came from, when there is one
+        self.path = path
+        self._sha256 = None
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    @classmethod
+    def bundled_checkpoint(cls, spec: ModelSpec) -> Path | None:
+        """The checkpoint a ``wheel`` entry names, inside the installed package (hook)."""
+        return None
 
     @classmethod
-    @abc.abstractmethod
-    def load(cls, spec: ModelSpec, device: str) -> "Adapter":
-        """Load the model or raise :class:`~umlip_latents.errors.ModelUnavailable` saying how to fix it."""
+    def cached_checkpoint(cls, spec: ModelSpec) -> Path | None:
+        """The package's own download cache's copy of a ``loader`` entry's checkpoint (hook)."""
+        return None
+
+    @classmethod
+    def download_checkpoint(cls, spec: ModelSpec) -> str:
+        """Download a ``loader`` entry's checkpoint with the package's own loader; its path (hook).
+
+        Any exception becomes a :class:`ModelUnavailable` saying where to put the file.
+        """
+        raise NotImplementedError(f"{cls.__name__} has no download")
+
+    @classmethod
+    def _where(cls, spec: ModelSpec) -> str:
+        name = spec.source.get("filename") or spec.source.get("path")
+        return f"the checkpoints folder ($UMLIP_LATENTS_CHECKPOINTS = {paths.checkpoints_dir()}) as {name!r}"
+
+    @classmethod
+    def find_checkpoint(cls, spec: ModelSpec) -> tuple[Path | None, str]:
+        """The checkpoint of ``spec`` on this machine, never downloading: ``(path or None, why)``."""
+        kind, dist = spec.source["kind"], cls.family.distribution
+        if kind == "wheel":
+            path = cls.bundled_checkpoint(spec)
+            if path is not None:
+                return path, f"bundled in the {dist} wheel"
+            return None, (f"the installed {dist} has no checkpoint {spec.source['name']!r}; reinstall it in "
+                          f"environment {spec.environment!r} (`make setup`)")
+        path = local_checkpoint(spec)
+        if path is not None:
+            return path, f"local checkpoint {path}"
+        path = cls.cached_checkpoint(spec) if kind == "loader" else None
+        if path is not None:
+            return path, f"{dist} cache {path}"
+        if kind == "local":
+            return None, f"local checkpoint not found; put it in {cls._where(spec)}"
+        return None, (f"{dist} downloads {spec.source['name']!r} from {cls.family.origin} on first use (needs "
+                      f"internet); offline, put the file in {cls._where(spec)}")
+
+    @classmethod
+    def resolve_checkpoint(cls, spec: ModelSpec) -> str:
+        """:meth:`find_checkpoint`, else (``loader`` entries) :meth:`download_checkpoint`.
+
+        Raises
+        ------
+        ModelUnavailable
+            When the file is not here and cannot be downloaded, saying where to put it.
+        """
+        path, why = cls.find_checkpoint(spec)
+        if path is not None:
+            return str(path)
+        if spec.source["kind"] != "loader":
+            raise ModelUnavailable(f"model {spec.key}: {why}")
+        try:
+            return str(cls.download_checkpoint(spec))
+        except ModelUnavailable:
+            raise
+        except Exception as exc:  # each package's downloader raises its own kinds of errors offline
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise ModelUnavailable(
+                f"model {spec.key}: {cls.family.distribution} could not download "
+                f"{spec.source.get('filename', spec.source['name'])!r} from {cls.family.origin} "
+                f"({type(exc).__name__}: {first}); download it where there is internet and put it in "
+                f"{cls._where(spec)}") from exc
 
     @classmethod
     def availability(cls, spec: ModelSpec) -> tuple[bool, str]:
-        """Whether the weights can be had without downloading, and a one-line explanation."""
-        return True, "bundled"
+        """Whether the weights can be had here without downloading, and a one-line explanation."""
+        if not cls.family.importable():
+            return False, (f"package {cls.family.distribution} not importable here; the model runs in "
+                           f"environment {spec.environment!r} (`make setup`)")
+        path, why = cls.find_checkpoint(spec)
+        return path is not None, why
 
+    # -- loading -------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, spec: ModelSpec, device: str) -> "Adapter":
+        """Load the model or raise :class:`~umlip_latents.errors.ModelUnavailable` saying how to fix it."""
+        try:
+            importlib.import_module(cls.family.import_name)
+        except ImportError as exc:
+            raise ModelUnavailable(
+                f"model {spec.key}: package {cls.family.distribution} not importable ({exc}); it runs in "
+                f"environment {spec.environment!r} (`make setup`)") from exc
+        path = cls.resolve_checkpoint(spec)
+        try:
+            return cls.open(spec, device, path)
+        except (ModelUnavailable, NotImplementedError):
+            raise
+        except Exception as exc:  # a corrupt or foreign file: the package's loader raises anything
+            raise ModelUnavailable(
+                f"model {spec.key}: {cls.family.distribution} cannot load {path} ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}); is it a complete {cls.family.name} checkpoint? "
+                f"Replace it ({cls.family.checkpoints})") from exc
+
+    @classmethod
+    @abc.abstractmethod
+    def open(cls, spec: ModelSpec, device: str, path: str) -> "Adapter":
+        """Build the adapter from the checkpoint at ``path`` (hook)."""
+
+    # -- the model -----------------------------------------------------------------------------
     @property
     @abc.abstractmethod
     def supported_elements(self) -> set[int]:
@@ -78,13 +195,44 @@ class Adapter(abc.ABC):
         """The family package's own ASE calculator for the same weights (baseline and cross-check)."""
         raise NotImplementedError(f"{type(self).__name__} has no ASE calculator")
 
+    def checkpoint_file(self) -> Path | None:
+        """The file whose sha256 identifies the weights (hook; default :attr:`path`)."""
+        return Path(self.path) if self.path is not None else None
+
     def checkpoint_sha256(self) -> str | None:
-        """sha256 of the checkpoint file the weights came from, when there is one."""
-        return None
+        """sha256 of :meth:`checkpoint_file`, when there is one (computed once)."""
+        if self._sha256 is None and self.checkpoint_file() is not None:
+            self._sha256 = file_sha256(self.checkpoint_file())
+        return self._sha256
 
     def versions(self) -> dict:
-        """Versions of the packages that define the model."""
+        """Versions of the family's distributions (``versions`` of its row), plus :meth:`extra_versions`."""
+        out = {}
+        for dist in self.family.versions:
+            try:
+                out[dist] = metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                out[dist] = None
+        return {**out, **self.extra_versions()}
+
+    def extra_versions(self) -> dict:
+        """Model-specific entries of :meth:`versions` (hook), e.g. a checkpoint's own version."""
         return {}
+
+
+def species_readout(zs, weight, bias) -> Readout:
+    """A :class:`Readout` with rows ``weight`` and ``bias`` at atomic numbers ``zs`` and zeros elsewhere.
+
+    ``weight`` is one row (D,) shared by every element or one row per element (len(zs), D);
+    ``bias`` a scalar or one value per element.
+    """
+    zs = np.asarray(zs, dtype=np.int64)
+    weight = np.asarray(weight, dtype=np.float64)
+    out_w = np.zeros((119, weight.shape[-1]))
+    out_b = np.zeros(119)
+    out_w[zs] = weight
+    out_b[zs] = bias
+    return Readout(weight=out_w, bias=out_b)
 
 
 def check_elements(adapter: Adapter, structures: list, on_unsupported: str = "raise") -> list[int]:
@@ -243,17 +391,6 @@ def run_adapter(adapter: Adapter, structures: list, layer: str = "last", batch_s
         energy=np.concatenate(energies) if energies else np.zeros(0),
         readout=adapter.readout() if layer == "last" else None,
     )
-
-
-def file_sha256(path) -> str:
-    """sha256 of a (checkpoint) file, read in 1 MiB chunks."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def affine_probe(fn, dim: int, dtype, device) -> tuple[np.ndarray, float]:

@@ -37,7 +37,6 @@ Graphs are built per structure with the model's own ``graph_converter``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import io
 from pathlib import Path
@@ -46,8 +45,8 @@ import numpy as np
 
 from ..errors import ModelUnavailable
 from ..features import Block, Readout
-from ..registry import ModelSpec, local_checkpoint
-from .base import Adapter
+from ..registry import ModelSpec
+from .base import Adapter, species_readout
 
 #: vacuum (Angstrom) added beyond the atom-graph cutoff when a non-periodic axis has no cell vector
 _VACUUM = 2.0
@@ -100,49 +99,27 @@ def _to_structure(atoms, cutoff: float):
 class ChgnetAdapter(Adapter):
     """A pretrained CHGNet loaded with ``CHGNet.load`` (wheel) or ``CHGNet.from_file`` (local)."""
 
-    def __init__(self, spec: ModelSpec, device: str, model, checkpoint: Path | None):
-        super().__init__(spec, device)
+    default_batch_atoms = 500  # CPU: see Adapter.default_batch_atoms
+    default_batch_atoms_gpu = 8000
+
+    def __init__(self, spec: ModelSpec, device: str, model, path: str | None):
+        super().__init__(spec, device, path)
         self.model = model
-        self.checkpoint = checkpoint
-        self._sha256 = None
         self.model.graph_converter.set_isolated_atom_response(spec.options.get("on_isolated_atoms", "warn"))
 
     @classmethod
-    def _checkpoint_path(cls, spec: ModelSpec) -> Path | None:
-        if spec.source["kind"] == "wheel":
-            return _wheel_checkpoint(spec.source["name"])
-        return local_checkpoint(spec)
+    def bundled_checkpoint(cls, spec: ModelSpec) -> Path | None:
+        return _wheel_checkpoint(spec.source["name"])
 
     @classmethod
-    def availability(cls, spec: ModelSpec) -> tuple[bool, str]:
-        """Whether the checkpoint is on disk (shipped in the chgnet wheel, or a local file)."""
-        if importlib.util.find_spec("chgnet") is None:
-            return False, "the chgnet package is not installed (pip install chgnet)"
-        path = cls._checkpoint_path(spec)
-        if path is None:
-            where = ("in the installed chgnet wheel" if spec.source["kind"] == "wheel"
-                     else "in $UMLIP_LATENTS_CHECKPOINTS")
-            return False, f"no checkpoint for {spec.key} {where}"
-        return True, "bundled in the chgnet wheel" if spec.source["kind"] == "wheel" else f"local file {path.name}"
+    def open(cls, spec: ModelSpec, device: str, path: str) -> "ChgnetAdapter":
+        """Load with chgnet's own loader (``CHGNet.load`` for the wheel's), in eval mode, on ``device``."""
+        from chgnet.model import CHGNet
 
-    @classmethod
-    def load(cls, spec: ModelSpec, device: str) -> "ChgnetAdapter":
-        """Load with chgnet's own loader, in eval mode, on ``device``."""
-        try:
-            from chgnet.model import CHGNet
-        except ImportError as exc:
-            raise ModelUnavailable(f"model {spec.key}: cannot import chgnet ({exc}); pip install chgnet") from exc
-        ok, why = cls.availability(spec)
-        if not ok:
-            raise ModelUnavailable(f"model {spec.key}: {why}; reinstall chgnet>=0.4 or put the checkpoint there")
-        path = cls._checkpoint_path(spec)
         with contextlib.redirect_stdout(io.StringIO()):  # CHGNet.__init__ prints its parameter count
             if spec.source["kind"] == "wheel":
-                try:
-                    model = CHGNet.load(model_name=spec.source["name"], use_device=device,
-                                        check_cuda_mem=False, verbose=False)
-                except ValueError as exc:
-                    raise ModelUnavailable(f"model {spec.key}: chgnet does not know {spec.source['name']!r} ({exc})") from exc
+                model = CHGNet.load(model_name=spec.source["name"], use_device=device,
+                                    check_cuda_mem=False, verbose=False)
             else:
                 model = CHGNet.from_file(str(path)).to(device)
         model.eval()
@@ -236,16 +213,13 @@ class ChgnetAdapter(Adapter):
         w = lin.weight.detach().double().cpu().numpy().reshape(-1)
         b = float(lin.bias.detach().double().cpu()) if lin.bias is not None else 0.0
         zs = np.array(sorted(self.supported_elements))
-        weight = np.zeros((119, w.size))
-        bias = np.zeros(119)
-        weight[zs] = w
-        bias[zs] = b
+        bias = np.full(len(zs), b)
         comp = self.model.composition_model
         if comp is not None:
             ref = comp.fc.weight.detach().double().cpu().numpy().reshape(-1)
             n = min(ref.size, int(zs.max()))
-            bias[1:n + 1] += ref[:n]
-        return Readout(weight=weight, bias=bias)
+            bias[:n] += ref[:n]  # zs = 1 .. max: row k is Z = k + 1
+        return species_readout(zs, w, bias)
 
     def calculator(self):
         """chgnet's own ``CHGNetCalculator`` on the same model object."""
@@ -253,21 +227,5 @@ class ChgnetAdapter(Adapter):
 
         return CHGNetCalculator(self.model, use_device=self.device, check_cuda_mem=False)
 
-    def checkpoint_sha256(self) -> str | None:
-        """sha256 of the ``.pth.tar`` checkpoint file."""
-        if self._sha256 is None and self.checkpoint is not None:
-            self._sha256 = hashlib.sha256(self.checkpoint.read_bytes()).hexdigest()
-        return self._sha256
-
-    def versions(self) -> dict:
-        """chgnet, torch and pymatgen versions."""
-        from importlib.metadata import PackageNotFoundError, version
-
-        out = {}
-        for pkg in ("chgnet", "torch", "pymatgen"):
-            try:
-                out[pkg] = version(pkg)
-            except PackageNotFoundError:
-                out[pkg] = None
-        out["checkpoint_version"] = self.model.version
-        return out
+    def extra_versions(self) -> dict:
+        return {"checkpoint_version": self.model.version}

@@ -55,49 +55,29 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import paths
 from ..errors import ModelUnavailable, StructureError
 from ..features import Block, Readout
 from ..registry import ModelSpec
-from .base import Adapter, file_sha256
+from .base import Adapter, species_readout
 
 #: files an exported DIEP model directory holds (``diep.pretrained``).
 _MODEL_FILES = ("model.json", "model.pt", "state.pt")
 
 
-def model_dir(spec: ModelSpec) -> Path:
-    """Directory of the exported DIEP model named by ``spec.source``.
-
-    ``wheel``: ``diep/pretrained_models/<name>`` inside the installed package (not
-    ``$DIEP_MODEL_DIR``, so the registered name always means the shipped weights);
-    ``local``: ``source.path``, absolute or relative to the checkpoints folder.
-    """
-    src = spec.source
-    if src["kind"] == "wheel":
-        import importlib.util
-
-        found = importlib.util.find_spec(src.get("package", "diep"))
-        if found is None or found.origin is None:
-            raise ModelUnavailable(f"model {spec.key}: package {src.get('package')!r} is not installed; "
-                                   "run `make setup` (it installs `diep` from PyPI)")
-        return Path(found.origin).parent / "pretrained_models" / src["name"]
-    if src["kind"] == "local":
-        from .. import paths
-
-        p = Path(src["path"]).expanduser()
-        return p if p.is_absolute() else paths.checkpoints_dir() / p
-    raise ModelUnavailable(f"model {spec.key}: DIEP models come from the wheel or a local export, "
-                           f"not source kind {src['kind']!r}")
+def _is_export(path: Path) -> bool:
+    return all((path / f).is_file() for f in _MODEL_FILES)
 
 
 class DiepAdapter(Adapter):
     """A loaded DIEP potential (see the module docstring for the layers)."""
 
     default_batch_atoms = 100  # CPU: see Adapter.default_batch_atoms
+    default_batch_atoms_gpu = 8000
 
     def __init__(self, spec: ModelSpec, device: str, potential, path: Path):
-        super().__init__(spec, device)
+        super().__init__(spec, device, path)
         self.potential = potential
-        self.path = path
         from ase.data import atomic_numbers
 
         from diep.ext.ase import Atoms2Graph
@@ -107,25 +87,37 @@ class DiepAdapter(Adapter):
         self._z = np.array([atomic_numbers[s] for s in model.element_types], dtype=np.int64)
 
     @classmethod
-    def availability(cls, spec: ModelSpec) -> tuple[bool, str]:
-        try:
-            path = model_dir(spec)
-        except ModelUnavailable as exc:
-            return False, str(exc)
-        missing = [f for f in _MODEL_FILES if not (path / f).is_file()]
-        if missing:
-            return False, f"{path} lacks {', '.join(missing)}"
-        return True, "bundled in the diep wheel" if spec.source["kind"] == "wheel" else f"local export {path}"
+    def bundled_checkpoint(cls, spec: ModelSpec) -> Path | None:
+        """``diep/pretrained_models/<name>`` inside the installed package (not ``$DIEP_MODEL_DIR``,
+        so the registered name always means the shipped weights)."""
+        import importlib.util
+
+        found = importlib.util.find_spec(cls.family.import_name)
+        path = Path(found.origin).parent / "pretrained_models" / spec.source["name"] if found and found.origin else None
+        return path if path is not None and _is_export(path) else None
 
     @classmethod
-    def load(cls, spec: ModelSpec, device: str) -> "DiepAdapter":
-        ok, why = cls.availability(spec)
-        if not ok:
-            raise ModelUnavailable(f"model {spec.key}: {why}; reinstall `diep` (pip install diep) "
-                                   "or point source.path at an exported model directory")
+    def find_checkpoint(cls, spec: ModelSpec) -> tuple[Path | None, str]:
+        """An exported model folder (``model.json``, ``model.pt``, ``state.pt``), wheel or local.
+
+        A ``local`` ``source.path`` is a folder, absolute or relative to the checkpoints folder.
+        """
+        if spec.source["kind"] == "local":
+            folder = Path(spec.source["path"]).expanduser()
+            folder = folder if folder.is_absolute() else paths.checkpoints_dir() / folder
+            path, why = (folder, f"local export {folder}") if folder.is_dir() else super().find_checkpoint(spec)
+        else:
+            path, why = super().find_checkpoint(spec)
+        if path is not None and not _is_export(Path(path)):
+            missing = [f for f in _MODEL_FILES if not (Path(path) / f).is_file()]
+            return None, f"{path} lacks {', '.join(missing)}; point source.path at an exported DIEP model folder"
+        return path, why
+
+    @classmethod
+    def open(cls, spec: ModelSpec, device: str, path: str) -> "DiepAdapter":
         from diep.pretrained import load_potential
 
-        path = model_dir(spec)
+        path = Path(path)
         # The package's own loader (strict state-dict load); energy only: no forces, stress, Hessian.
         pot = load_potential(path, device=device, stress=False)
         pot.calc_forces = False
@@ -173,20 +165,9 @@ class DiepAdapter(Adapter):
         return Batch.from_data_list(graphs).to(self.device), torch.cat(lattices).to(self.device)
 
     def forward(self, structures: list, layer: str) -> tuple[np.ndarray, list[Block], np.ndarray]:
-        """One batched energy-only pass of ``Potential.forward``.
-
-        Parameters
-        ----------
-        structures : list of ase.Atoms
-        layer : {"last", "backbone"}
-
-        Returns
-        -------
-        values : ndarray of shape (n_atoms, 65) for ``"last"``, (n_atoms, 64) for ``"backbone"``
-        blocks : list of Block
-        energy : ndarray of shape (n_structures,)
-            Total energies (eV) of the same pass.
-        """
+        """One batched energy-only pass of ``Potential.forward`` (see :meth:`Adapter.forward`):
+        values (n_atoms, 65) for ``"last"``, (n_atoms, 64) for ``"backbone"``; total energies (eV)
+        of the same pass."""
         if layer not in ("last", "backbone"):
             raise ValueError(f"DIEP offers layers 'last' and 'backbone', not {layer!r}")
         import torch
@@ -229,12 +210,10 @@ class DiepAdapter(Adapter):
         std = float(pot.data_std)
         w = np.concatenate([final.weight.detach().double().cpu().numpy().reshape(-1),
                             final.bias.detach().double().cpu().numpy().reshape(-1)]) * std
-        weight = np.zeros((119, w.size))
-        bias = np.zeros(119)
-        weight[self._z] = w
+        refs = 0.0
         if pot.element_refs is not None:
-            bias[self._z] = pot.element_refs.property_offset.detach().double().cpu().numpy()
-        return Readout(weight=weight, bias=bias)
+            refs = pot.element_refs.property_offset.detach().double().cpu().numpy()
+        return species_readout(self._z, w, refs)
 
     def calculator(self):
         """diep's own ``DIEPCalculator`` on the same potential."""
@@ -242,17 +221,6 @@ class DiepAdapter(Adapter):
 
         return DIEPCalculator(potential=self.potential, stress_unit="eV/A3")
 
-    def checkpoint_sha256(self) -> str | None:
-        """sha256 of ``state.pt`` (the weights) of the exported model."""
-        return file_sha256(self.path / "state.pt")
-
-    def versions(self) -> dict:
-        from importlib.metadata import PackageNotFoundError, version
-
-        out = {}
-        for pkg in ("diep", "torch", "torch_geometric", "pymatgen", "ase"):
-            try:
-                out[pkg] = version(pkg)
-            except PackageNotFoundError:
-                pass
-        return out
+    def checkpoint_file(self) -> Path:
+        """``state.pt`` (the weights) of the exported model."""
+        return Path(self.path) / "state.pt"

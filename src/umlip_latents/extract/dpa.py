@@ -55,13 +55,14 @@ from __future__ import annotations
 import os
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 
 from ..errors import ModelUnavailable, StructureError
 from ..features import Block, Readout
-from ..registry import ModelSpec, local_checkpoint
-from .base import Adapter, affine_probe, file_sha256
+from ..registry import ModelSpec
+from .base import Adapter, affine_probe, species_readout
 
 TARGET = "energy"
 
@@ -95,45 +96,6 @@ def import_deepmd(device: str = "cpu"):
     return deepmd.pt
 
 
-def _checkpoint_path(spec: ModelSpec) -> str:
-    """A local ``.pt``/``.pth`` for ``spec``, else (``loader``) deepmd's pretrained download of it.
-
-    Raises
-    ------
-    ModelUnavailable
-        When the file is not local and cannot be downloaded (offline), saying where to put it.
-    """
-    path = local_checkpoint(spec)
-    if path is not None:
-        return str(path)
-    src = spec.source
-    if src["kind"] != "loader":
-        raise ModelUnavailable(
-            f"model {spec.key}: checkpoint {src.get('path')!r} not found; put it in the checkpoints "
-            "folder ($UMLIP_LATENTS_CHECKPOINTS)"
-        )
-    where = f"the checkpoints folder ($UMLIP_LATENTS_CHECKPOINTS) as {src['filename']!r}"
-    try:
-        from deepmd.pretrained.download import DEFAULT_CACHE_DIR, resolve_model_path
-    except ImportError as exc:
-        raise ModelUnavailable(f"model {spec.key}: deepmd-kit not importable ({exc}); put the file in {where}") from exc
-    cached = DEFAULT_CACHE_DIR / src["filename"]
-    if os.environ.get("HF_HUB_OFFLINE") == "1" and not cached.is_file():
-        raise ModelUnavailable(
-            f"model {spec.key}: {src['filename']!r} is not in deepmd's cache ({DEFAULT_CACHE_DIR}) and "
-            f"HF_HUB_OFFLINE=1 forbids downloading it; download it where there is internet "
-            f"(`dp pretrained download {src['name']}`) and put it in {where}"
-        )
-    try:
-        return str(resolve_model_path(src["name"]))
-    except Exception as exc:  # urllib raises many kinds of errors offline; deepmd wraps them in RuntimeError
-        raise ModelUnavailable(
-            f"model {spec.key}: deepmd-kit could not download {src['name']!r} ({src['filename']!r}) from its "
-            f"pretrained-model sources ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-            f"download it where there is internet (`dp pretrained download {src['name']}`) and put it in {where}"
-        ) from exc
-
-
 def _eager(model):
     """The eager deepmd model of a TorchScript one (a frozen ``.pth``): same config, same weights."""
     import json
@@ -152,15 +114,12 @@ def _eager(model):
 class DpaAdapter(Adapter):
     """A deepmd-kit energy model (DPA-3 ...) from a ``.pt`` checkpoint (one branch) or frozen ``.pth``."""
 
-    default_batch_atoms = 1000
-    default_batch_atoms_gpu = 4000
 
     def __init__(self, spec: ModelSpec, device: str, deep_pot, path: str):
         from ase.data import atomic_numbers
 
-        super().__init__(spec, device)
+        super().__init__(spec, device, path)
         self.deep_pot = deep_pot
-        self.path = path
         self.model = _eager(deep_pot.deep_eval.dp.model["Default"]).to(device).eval()
         self.atomic_model = self.model.atomic_model
         self.type_map = list(self.model.get_type_map())
@@ -175,19 +134,32 @@ class DpaAdapter(Adapter):
         self.dim_descriptor = int(descriptor.get_dim_out())
         concat_tebd = getattr(descriptor, "concat_output_tebd", False)
         self.dim_tebd = int(getattr(descriptor, "tebd_dim", 0)) if concat_tebd else 0
-        self._sha256 = None
 
     @classmethod
-    def load(cls, spec: ModelSpec, device: str) -> "DpaAdapter":
-        path = _checkpoint_path(spec)  # first: it needs only deepmd.pretrained, not the (slow) PyTorch backend
-        try:
-            import_deepmd(device)
-            from deepmd.infer import DeepPot
-        except ImportError as exc:
+    def cached_checkpoint(cls, spec: ModelSpec) -> Path | None:
+        """deepmd-kit's pretrained-model cache (``deepmd.pretrained.download.DEFAULT_CACHE_DIR``)."""
+        from deepmd.pretrained.download import DEFAULT_CACHE_DIR
+
+        path = Path(DEFAULT_CACHE_DIR) / spec.source["filename"]
+        return path if path.is_file() else None
+
+    @classmethod
+    def download_checkpoint(cls, spec: ModelSpec) -> str:
+        """deepmd's ``resolve_model_path`` (downloads with sha256 verification); never with HF_HUB_OFFLINE=1."""
+        from deepmd.pretrained.download import resolve_model_path
+
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
             raise ModelUnavailable(
-                f"model {spec.key}: deepmd-kit's PyTorch backend not importable ({exc}); it runs in environment "
-                f"{spec.environment!r} (`make setup`)"
-            ) from exc
+                f"model {spec.key}: {spec.source['filename']!r} is not in deepmd's cache and HF_HUB_OFFLINE=1 "
+                f"forbids downloading it; download it where there is internet (`dp pretrained download "
+                f"{spec.source['name']}`) and put it in {cls._where(spec)}")
+        return str(resolve_model_path(spec.source["name"]))
+
+    @classmethod
+    def open(cls, spec: ModelSpec, device: str, path: str) -> "DpaAdapter":
+        import_deepmd(device)
+        from deepmd.infer import DeepPot
+
         head = spec.source.get("head")
         try:
             # eager (no TorchScript) so the atomic model's methods can be called directly
@@ -195,24 +167,6 @@ class DpaAdapter(Adapter):
         except AssertionError as exc:  # deepmd asserts a valid head for multi-task checkpoints
             raise ModelUnavailable(f"model {spec.key}: {path} with head {head!r}: {exc}") from exc
         return cls(spec, device, deep_pot, path)
-
-    @classmethod
-    def availability(cls, spec: ModelSpec) -> tuple[bool, str]:
-        """Whether deepmd-kit is importable and the checkpoint is on disk (never downloads)."""
-        import importlib.util
-
-        if importlib.util.find_spec("deepmd") is None:
-            return False, f"package deepmd-kit not importable here; the model runs in environment {spec.environment!r}"
-        path = local_checkpoint(spec)
-        if path is not None:
-            return True, f"local checkpoint {path}"
-        if spec.source["kind"] == "loader":
-            from deepmd.pretrained.download import DEFAULT_CACHE_DIR
-
-            if (DEFAULT_CACHE_DIR / spec.source["filename"]).is_file():
-                return True, f"deepmd-kit's cache {DEFAULT_CACHE_DIR / spec.source['filename']}"
-            return False, f"deepmd-kit downloads {spec.source['name']!r} on first use (needs internet)"
-        return False, f"local checkpoint {spec.source.get('path')!r} not in the checkpoints folder"
 
     @property
     def supported_elements(self) -> set[int]:
@@ -348,11 +302,7 @@ class DpaAdapter(Adapter):
         per_type = am.fitting_net.bias_atom_e[:, 0].to(torch.float64) + out_bias.to(torch.float64)
         per_type = per_type.detach().cpu().numpy()
         zs = np.nonzero(self.type_of >= 0)[0]
-        weight = np.zeros((119, dim))
-        bias = np.zeros(119)
-        weight[zs] = w[None, :]
-        bias[zs] = b + per_type[self.type_of[zs]]
-        return Readout(weight=weight, bias=bias)
+        return species_readout(zs, w, b + per_type[self.type_of[zs]])
 
     def calculator(self):
         """deepmd-kit's ASE calculator on the same file and head."""
@@ -360,89 +310,5 @@ class DpaAdapter(Adapter):
 
         return DP(self.path, head=self.spec.source.get("head"))
 
-    def checkpoint_sha256(self) -> str | None:
-        if self._sha256 is None:
-            self._sha256 = file_sha256(self.path)
-        return self._sha256
-
-    def versions(self) -> dict:
-        from importlib.metadata import PackageNotFoundError, version
-
-        out = {}
-        for p in ("deepmd-kit", "torch", "e3nn"):
-            try:
-                out[p] = version(p)
-            except PackageNotFoundError:
-                out[p] = None
-        out["deepmd_custom_ops"] = bool(getattr(sys.modules.get("deepmd.pt.cxx_op"), "ENABLE_CUSTOMIZED_OP", False))
-        return out
-
-
-def dpa3_config(type_map: list[str], seed: int = 0, n_dim: int = 16, e_dim: int = 8, a_dim: int = 8,
-                nlayers: int = 2, e_rcut: float = 4.0, a_rcut: float = 3.5, e_sel: int = 40, a_sel: int = 16,
-                neuron: tuple = (16, 16), precision: str = "float32") -> dict:
-    """A small DPA-3 energy model's ``model`` section, in deepmd-kit's input format (before normalisation)."""
-    return {
-        "type_map": list(type_map),
-        "descriptor": {
-            "type": "dpa3",
-            "repflow": {"n_dim": n_dim, "e_dim": e_dim, "a_dim": a_dim, "nlayers": nlayers,
-                        "e_rcut": e_rcut, "e_rcut_smth": e_rcut - 0.5, "e_sel": e_sel,
-                        "a_rcut": a_rcut, "a_rcut_smth": a_rcut - 0.5, "a_sel": a_sel, "axis_neuron": 4,
-                        "update_angle": True, "smooth_edge_update": True},
-            "precision": precision, "seed": seed,
-        },
-        "fitting_net": {"neuron": list(neuron), "resnet_dt": True, "precision": precision, "seed": seed},
-    }
-
-
-def build_random_dpa3(path: str, seed: int = 0, type_map: list[str] | tuple = ("H", "O"),
-                      reference_energies: dict | None = None, heads: list[str] | None = None, **hypers) -> str:
-    """A small randomly initialised DPA-3 energy model, saved as a deepmd training checkpoint ``path`` (``.pt``).
-
-    The model comes from deepmd-kit's own config normalisation (``model_args``) and
-    ``get_model``; the file is what deepmd's trainer writes (``{"model": ModelWrapper.state_dict()}``,
-    model parameters in ``_extra_state``), so ``DeepPot`` loads it. ``reference_energies``
-    (eV per atom, by element symbol) go into the atomic model's ``out_bias``, and a seeded
-    random offset into the fitting net's ``bias_atom_e``, so the readout's per-type shift is
-    exercised. With ``heads``, the file is a multi-task checkpoint with one randomly
-    initialised model per head (seeds ``seed``, ``seed + 1`` ...), like DPA-3.1-3M's branches.
-    Runs in the ``dpa`` environment.
-    """
-    import copy
-
-    import torch
-
-    import_deepmd("cpu")
-    from deepmd.pt.model.model import get_model
-    from deepmd.pt.train.wrapper import ModelWrapper
-    from deepmd.utils.argcheck import model_args
-
-    def one(s: int):
-        raw = dpa3_config(list(type_map), seed=s, **hypers)
-        params = model_args().normalize_value(copy.deepcopy(raw), trim_pattern="_*")
-        model_args().check_value(params, strict=True)
-        torch.manual_seed(s)
-        model = get_model(copy.deepcopy(params))
-        am = model.atomic_model
-        gen = torch.Generator().manual_seed(s)
-        with torch.no_grad():
-            am.fitting_net.bias_atom_e.copy_(0.1 * torch.randn(am.fitting_net.bias_atom_e.shape, generator=gen,
-                                                               dtype=am.fitting_net.bias_atom_e.dtype))
-            if reference_energies:
-                out_bias = model.get_out_bias().clone()
-                for t, symbol in enumerate(type_map):
-                    out_bias[am.bias_keys.index(TARGET), t, 0] = float(reference_energies.get(symbol, 0.0))
-                model.set_out_bias(out_bias)
-        return model, params
-
-    if heads:
-        models, params = {}, {"model_dict": {}}
-        for k, head in enumerate(heads):
-            models[head], params["model_dict"][head] = one(seed + k)
-        wrapper = ModelWrapper(models, model_params=params)
-    else:
-        model, params = one(seed)
-        wrapper = ModelWrapper(model, model_params=params)
-    torch.save({"model": wrapper.state_dict()}, str(path))
-    return str(path)
+    def extra_versions(self) -> dict:
+        return {"deepmd_custom_ops": bool(getattr(sys.modules.get("deepmd.pt.cxx_op"), "ENABLE_CUSTOMIZED_OP", False))}

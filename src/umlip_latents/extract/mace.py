@@ -52,17 +52,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import paths
 from ..errors import ModelUnavailable
 from ..features import Block, Readout
-from ..registry import ModelSpec, local_checkpoint
-from .base import Adapter, affine_probe
+from ..registry import ModelSpec
+from .base import Adapter, affine_probe, species_readout
 
 #: mace-torch's calculator keys for charge/spin information (as ``MACECalculator`` uses them).
 _INFO_KEYS = {"total_spin": "spin", "total_charge": "charge", "external_field": "external_field"}
 
 
-def _import_mace():
+def import_mace():
     """Import mace before e3nn (it sets up full-pickle loading that its checkpoints need)."""
     import mace  # noqa: F401
     import torch
@@ -75,7 +74,7 @@ def _cache_path(spec: ModelSpec) -> tuple[Path | None, str | None]:
     src = spec.source
     if src["kind"] != "loader":
         return None, None
-    _import_mace()
+    import_mace()
     from mace.calculators import foundations_models as fm
     from mace.tools.utils import get_cache_dir
 
@@ -86,27 +85,6 @@ def _cache_path(spec: ModelSpec) -> tuple[Path | None, str | None]:
     if loader == "mace_mp":  # download_mace_mp_checkpoint keeps only [A-Za-z0-9_]
         base = "".join(c for c in base if c.isalnum() or c == "_")
     return Path(get_cache_dir()) / base, url
-
-
-def _find_file(spec: ModelSpec) -> tuple[Path | None, str]:
-    path = local_checkpoint(spec)
-    if path is not None:
-        return path, f"local file {path}"
-    cached, _ = _cache_path(spec)
-    if cached is not None:
-        for cand in (cached, cached.parent / spec.source["filename"]):
-            if cand.is_file():
-                return cand, f"mace cache {cand}"
-    return None, ""
-
-
-def _how_to_fix(spec: ModelSpec) -> str:
-    src = spec.source
-    if src["kind"] == "local":
-        return f"put the checkpoint at {src['path']} (relative paths are taken in {paths.checkpoints_dir()})"
-    _, url = _cache_path(spec)
-    return (f"download {url or src['filename']} and put it in {paths.checkpoints_dir()} as {src['filename']} "
-            "(or set UMLIP_LATENTS_CHECKPOINTS to the folder holding it)")
 
 
 def _scalar_columns(irreps) -> list[int]:
@@ -122,9 +100,12 @@ def _scalar_columns(irreps) -> list[int]:
 class MaceAdapter(Adapter):
     """A loaded MACE / ScaleShiftMACE model (e3nn backend)."""
 
-    def __init__(self, spec: ModelSpec, device: str, model, path: Path | None, origin: str):
-        super().__init__(spec, device)
-        torch = _import_mace()
+    default_batch_atoms = 500  # CPU: see Adapter.default_batch_atoms
+    default_batch_atoms_gpu = 8000
+
+    def __init__(self, spec: ModelSpec, device: str, model, path: Path | None):
+        super().__init__(spec, device, path)
+        torch = import_mace()
         kind = type(model).__name__
         if kind not in ("MACE", "ScaleShiftMACE"):
             raise ModelUnavailable(f"model {spec.key}: {kind} is not supported (only MACE and ScaleShiftMACE)")
@@ -133,7 +114,6 @@ class MaceAdapter(Adapter):
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.path, self.origin = path, origin
         self.dtype = next(model.parameters()).dtype
         self.z_table = [int(z) for z in model.atomic_numbers]
         self.heads = list(getattr(model, "heads", None) or ["Default"])
@@ -147,49 +127,38 @@ class MaceAdapter(Adapter):
         if head not in self.heads:
             raise ModelUnavailable(f"model {spec.key}: head {head!r} not among {self.heads}")
         self.head, self.head_index = head, self.heads.index(head)
-        self._sha = None
         self._readout = None
         self._layout = self._last_layout()
         self._torch = torch
 
     # -- loading ---------------------------------------------------------------------------
     @classmethod
-    def availability(cls, spec: ModelSpec) -> tuple[bool, str]:
-        path, origin = _find_file(spec)
-        if path is not None:
-            return True, origin
-        if spec.source["kind"] == "local":
-            return False, f"missing: {_how_to_fix(spec)}"
-        loader = spec.options.get("loader", "mace_mp")
-        return False, f"needs download by {loader}(model={spec.source['name']!r}); offline: {_how_to_fix(spec)}"
+    def cached_checkpoint(cls, spec: ModelSpec) -> Path | None:
+        """mace's own download cache (``~/.cache/mace`` or ``$XDG_CACHE_HOME/mace``)."""
+        cached, _ = _cache_path(spec)
+        if cached is not None:
+            for cand in (cached, cached.parent / spec.source["filename"]):
+                if cand.is_file():
+                    return cand
+        return None
 
     @classmethod
-    def load(cls, spec: ModelSpec, device: str) -> "MaceAdapter":
-        torch = _import_mace()
-        path, origin = _find_file(spec)
-        if path is not None:
-            try:
-                model = torch.load(path, map_location=device, weights_only=False)
-            except Exception as exc:  # corrupt file, wrong format
-                raise ModelUnavailable(f"model {spec.key}: cannot load {path} ({type(exc).__name__}: {exc}); "
-                                       f"{_how_to_fix(spec)}") from exc
-            return cls(spec, device, model, path, origin)
-        if spec.source["kind"] != "loader":
-            raise ModelUnavailable(f"model {spec.key}: checkpoint not found; {_how_to_fix(spec)}")
+    def download_checkpoint(cls, spec: ModelSpec) -> str:
+        """mace's ``mace_mp``/``mace_off`` loader (``options.loader``), which downloads into its cache."""
         from mace.calculators import foundations_models as fm
 
         loader = spec.options.get("loader", "mace_mp")
-        try:
-            with contextlib.redirect_stdout(sys.stderr):  # mace prints download progress
-                model = getattr(fm, loader)(model=spec.source["name"], device=device, return_raw_model=True)
-        except Exception as exc:
-            cause = exc.__cause__ or exc
-            raise ModelUnavailable(
-                f"model {spec.key}: {spec.source['filename']} is not in {paths.checkpoints_dir()} nor in mace's "
-                f"cache, and mace's {loader}(model={spec.source['name']!r}) could not download it "
-                f"({type(cause).__name__}: {cause}); {_how_to_fix(spec)}") from exc
-        cached, _ = _cache_path(spec)
-        return cls(spec, device, model, cached if cached and cached.is_file() else None, f"downloaded by {loader}")
+        with contextlib.redirect_stdout(sys.stderr):  # mace prints download progress
+            getattr(fm, loader)(model=spec.source["name"], device="cpu", return_raw_model=True)
+        path = cls.cached_checkpoint(spec)
+        if path is None:
+            raise ModelUnavailable(f"model {spec.key}: mace's {loader} left no {spec.source['filename']!r} in its cache")
+        return str(path)
+
+    @classmethod
+    def open(cls, spec: ModelSpec, device: str, path: str) -> "MaceAdapter":
+        torch = import_mace()
+        return cls(spec, device, torch.load(path, map_location=device, weights_only=False), Path(path))
 
     @property
     def supported_elements(self) -> set[int]:
@@ -202,20 +171,6 @@ class MaceAdapter(Adapter):
         dtype = "float64" if self.dtype == self._torch.float64 else "float32"
         kwargs = {"head": self.head} if len(self.heads) > 1 else {}
         return MACECalculator(model_paths=str(self.path), device=self.device, default_dtype=dtype, **kwargs)
-
-    def checkpoint_sha256(self) -> str | None:
-        if self._sha is None and self.path is not None:
-            from ..datasets import sha256_file
-
-            self._sha = sha256_file(self.path)
-        return self._sha
-
-    def versions(self) -> dict:
-        import e3nn
-        import mace
-        import torch
-
-        return {"mace-torch": mace.__version__, "e3nn": e3nn.__version__, "torch": torch.__version__}
 
     # -- layout of the readouts --------------------------------------------------------------
     def _last_layout(self) -> list[dict]:
@@ -351,11 +306,5 @@ class MaceAdapter(Adapter):
         with torch.no_grad():
             eye = torch.eye(len(self.z_table), dtype=self.dtype, device=self.device)
             e0 = model.atomic_energies_fn(eye)[:, h].double().cpu().numpy()
-        w = scale * np.concatenate(ws)
-        weight = np.zeros((119, len(w)))
-        bias = np.zeros(119)
-        for z, e in zip(self.z_table, e0):
-            weight[z] = w
-            bias[z] = e + scale * offset + shift
-        self._readout = Readout(weight=weight, bias=bias)
+        self._readout = species_readout(self.z_table, scale * np.concatenate(ws), e0 + scale * offset + shift)
         return self._readout

@@ -41,102 +41,46 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ModelUnavailable
 from ..features import Block, Readout
-from ..registry import ModelSpec, local_checkpoint
-from .base import Adapter, file_sha256
+from ..registry import ModelSpec
+from .base import Adapter, species_readout
 
 #: mattersim's own cache of downloaded checkpoints (``Potential.from_checkpoint``).
 CACHE = "~/.local/mattersim/pretrained_models"
-#: where mattersim downloads checkpoints from (``mattersim.utils.download_utils``).
-ORIGIN = "https://raw.githubusercontent.com/microsoft/mattersim/main/pretrained_models/"
-
-
-def _cache_file(spec: ModelSpec) -> Path | None:
-    """mattersim's cached copy of a ``loader`` entry's checkpoint, if there is one."""
-    if spec.source["kind"] != "loader":
-        return None
-    path = Path(os.path.expanduser(CACHE)) / spec.source["filename"]
-    return path if path.is_file() else None
-
-
-def _checkpoint_path(spec: ModelSpec) -> str:
-    """A local ``.pth`` for ``spec``, else mattersim's cached or freshly downloaded copy.
-
-    Raises
-    ------
-    ModelUnavailable
-        When the file is not local and cannot be downloaded (offline), saying where to put it.
-    """
-    path = local_checkpoint(spec) or _cache_file(spec)
-    if path is not None:
-        return str(path)
-    src = spec.source
-    if src["kind"] != "loader":
-        raise ModelUnavailable(
-            f"model {spec.key}: checkpoint {src.get('path')!r} not found; put it in the checkpoints "
-            "folder ($UMLIP_LATENTS_CHECKPOINTS)"
-        )
-    where = f"the checkpoints folder ($UMLIP_LATENTS_CHECKPOINTS) as {src['filename']!r}"
-    try:
-        from mattersim.utils.download_utils import download_checkpoint
-    except ImportError as exc:
-        raise ModelUnavailable(f"model {spec.key}: package mattersim not importable ({exc}); put the file in {where}") from exc
-    cache = Path(os.path.expanduser(CACHE))
-    try:
-        download_checkpoint(src["filename"], save_folder=str(cache))
-    except Exception as exc:  # requests raises many kinds of errors offline
-        raise ModelUnavailable(
-            f"model {spec.key}: mattersim could not download {src['filename']!r} from {ORIGIN} "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-            f"download it where there is internet and put it in {where}"
-        ) from exc
-    return str(cache / src["filename"])
 
 
 class MattersimAdapter(Adapter):
     """A MatterSim (M3GNet) model from a mattersim ``.pth`` checkpoint."""
 
-    default_batch_atoms = 1000
-    default_batch_atoms_gpu = 4000
 
     def __init__(self, spec: ModelSpec, device: str, potential, path: str):
-        super().__init__(spec, device)
+        super().__init__(spec, device, path)
         self.potential = potential
         self.model = potential.model.to(device).eval()
-        self.path = path
         self.args = dict(self.model.get_model_args())
         final = self.model.final
         if len(final.g) < 2 or not hasattr(final.g[-1], "linear") or final.g[-1].linear.out_features != 1:
             raise NotImplementedError(f"model {spec.key}: readout {type(final).__name__} is not a gated MLP to one output")
-        self._sha256 = None
 
     @classmethod
-    def load(cls, spec: ModelSpec, device: str) -> "MattersimAdapter":
-        try:
-            from mattersim.forcefield.potential import Potential
-        except ImportError as exc:
-            raise ModelUnavailable(
-                f"model {spec.key}: mattersim not importable ({exc}); it runs in environment "
-                f"{spec.environment!r} (`make setup`)"
-            ) from exc
-        path = _checkpoint_path(spec)
-        potential = Potential.from_checkpoint(path, device=device, load_training_state=False)
-        return cls(spec, device, potential, path)
+    def cached_checkpoint(cls, spec: ModelSpec) -> Path | None:
+        """mattersim's own cache of downloaded checkpoints (:data:`CACHE`)."""
+        path = Path(os.path.expanduser(CACHE)) / spec.source["filename"]
+        return path if path.is_file() else None
 
     @classmethod
-    def availability(cls, spec: ModelSpec) -> tuple[bool, str]:
-        """Whether mattersim is importable and the checkpoint is on disk (never downloads)."""
-        import importlib.util
+    def download_checkpoint(cls, spec: ModelSpec) -> str:
+        from mattersim.utils.download_utils import download_checkpoint
 
-        if importlib.util.find_spec("mattersim") is None:
-            return False, f"package mattersim not importable here; the model runs in environment {spec.environment!r}"
-        path = local_checkpoint(spec) or _cache_file(spec)
-        if path is not None:
-            return True, f"local checkpoint {path}"
-        if spec.source["kind"] == "loader":
-            return False, f"mattersim downloads {spec.source['filename']!r} on first use (needs internet)"
-        return False, f"local checkpoint {spec.source.get('path')!r} not in the checkpoints folder"
+        cache = Path(os.path.expanduser(CACHE))
+        download_checkpoint(spec.source["filename"], save_folder=str(cache))
+        return str(cache / spec.source["filename"])
+
+    @classmethod
+    def open(cls, spec: ModelSpec, device: str, path: str) -> "MattersimAdapter":
+        from mattersim.forcefield.potential import Potential
+
+        return cls(spec, device, Potential.from_checkpoint(path, device=device, load_training_state=False), path)
 
     @property
     def supported_elements(self) -> set[int]:
@@ -202,61 +146,10 @@ class MattersimAdapter(Adapter):
         scale = self.model.normalizer.scale.detach().double().cpu().numpy()
         shift = self.model.normalizer.shift.detach().double().cpu().numpy()
         zs = np.arange(1, min(len(scale), 119))
-        weight = np.zeros((119, len(w)))
-        bias = np.zeros(119)
-        weight[zs] = scale[zs, None] * w[None, :]
-        bias[zs] = shift[zs]
-        return Readout(weight=weight, bias=bias)
+        return species_readout(zs, scale[zs, None] * w[None, :], shift[zs])
 
     def calculator(self):
         """mattersim's ASE calculator on the same weights."""
         from mattersim.forcefield.potential import MatterSimCalculator
 
         return MatterSimCalculator(potential=self.potential, device=self.device)
-
-    def checkpoint_sha256(self) -> str | None:
-        if self._sha256 is None:
-            self._sha256 = file_sha256(self.path)
-        return self._sha256
-
-    def versions(self) -> dict:
-        from importlib.metadata import PackageNotFoundError, version
-
-        out = {}
-        for p in ("mattersim", "torch", "torch-geometric", "torch-runstats", "e3nn"):
-            try:
-                out[p] = version(p)
-            except PackageNotFoundError:
-                out[p] = None
-        return out
-
-
-def build_random_mattersim(path: str, seed: int = 0, reference_energies: dict | None = None,
-                           scales: dict | None = None, **model_args) -> str:
-    """A small randomly initialised MatterSim M3GNet, saved with ``Potential.save`` to ``path``.
-
-    ``model_args`` override M3Gnet's defaults (``num_blocks``, ``units``, ``max_l``, ``max_n``,
-    ``cutoff``, ``threebody_cutoff``, ``max_z``). ``reference_energies`` and ``scales`` (per
-    atomic number) become the normaliser's per-element shift and scale, so the readout's
-    per-element affine map is exercised. Runs in the ``mattersim`` environment; the file is
-    read back by mattersim's own ``Potential.from_checkpoint``.
-    """
-    import torch
-    from mattersim.forcefield.m3gnet.m3gnet import M3Gnet
-    from mattersim.forcefield.m3gnet.scaling import AtomScaling
-    from mattersim.forcefield.potential import Potential
-
-    torch.manual_seed(seed)
-    model = M3Gnet(device="cpu", **model_args)
-    max_z = model.max_z
-    shift = torch.zeros(max_z + 1)
-    scale = torch.ones(max_z + 1)
-    for z, e in (reference_energies or {}).items():
-        shift[int(z)] = float(e)
-    for z, s in (scales or {}).items():
-        scale[int(z)] = float(s)
-    model.set_normalizer(AtomScaling(init_scale=scale, init_shift=shift, max_z=max_z, device="cpu"))
-    model.eval()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Potential(model, device="cpu").save(str(path))
-    return str(path)

@@ -42,13 +42,14 @@ fetches its weights from the orbitalmaterials-public-models S3 bucket with ``cac
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 import numpy as np
 
 from ..errors import ModelUnavailable
 from ..features import Block, Readout
-from ..registry import ModelSpec, local_checkpoint
-from .base import Adapter, affine_probe, file_sha256
+from ..registry import ModelSpec
+from .base import Adapter, affine_probe, species_readout
 
 #: orb-models' architecture builders a ``local`` entry may name in ``options["architecture"]``.
 ARCHITECTURES = ("orb_v3_conservative_architecture", "orb_v3_direct_architecture", "orb_v2_architecture")
@@ -64,46 +65,9 @@ def _builder(spec: ModelSpec):
     return ORB_PRETRAINED_MODELS[name]
 
 
-def _load_model(spec: ModelSpec, device: str):
-    """The ORB regressor of ``spec`` in float32 (no torch.compile), and the weights file it came from."""
-    from orb_models.forcefield import pretrained
-
-    path = local_checkpoint(spec)
-    src = spec.source
-    opts = dict(device=device, precision="float32-highest", compile=False)
-    if src["kind"] == "local":
-        if path is None:
-            raise ModelUnavailable(
-                f"model {spec.key}: checkpoint {src.get('path')!r} not found; put it in the checkpoints "
-                "folder ($UMLIP_LATENTS_CHECKPOINTS)"
-            )
-        from orb_models.forcefield.atomic_system import SystemConfig
-
-        arch = spec.options.get("architecture")
-        if arch not in ARCHITECTURES:
-            raise ModelUnavailable(f"model {spec.key}: options.architecture must be one of {ARCHITECTURES}")
-        model = getattr(pretrained, arch)(system_config=SystemConfig(**spec.options["system_config"]),
-                                          **spec.options.get("architecture_args", {}))
-        return pretrained.load_model(model, str(path), **opts), str(path)
-    builder = _builder(spec)
-    if path is not None:
-        return builder(weights_path=str(path), **opts), str(path)
-    url = inspect.signature(builder).parameters["weights_path"].default
-    where = f"the checkpoints folder ($UMLIP_LATENTS_CHECKPOINTS) as {src['filename']!r}"
-    try:
-        from cached_path import cached_path, find_latest_cached
-
-        cached = find_latest_cached(url)
-        if cached is None:
-            _check_reachable(url)  # cached_path retries for ~30 s before it gives up offline
-        local = str(cached if cached is not None else cached_path(url))
-    except Exception as exc:  # cached_path/requests raise many kinds of errors offline
-        raise ModelUnavailable(
-            f"model {spec.key}: orb-models could not download {src['filename']!r} from {url} "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-            f"download it where there is internet and put it in {where}"
-        ) from exc
-    return builder(weights_path=local, **opts), local
+def _url(spec: ModelSpec) -> str:
+    """Where orb-models' pretrained builder downloads a ``loader`` entry's weights from."""
+    return inspect.signature(_builder(spec)).parameters["weights_path"].default
 
 
 def _check_reachable(url: str, timeout: float = 10.0) -> None:
@@ -119,16 +83,13 @@ def _check_reachable(url: str, timeout: float = 10.0) -> None:
 class OrbAdapter(Adapter):
     """An ORB model (orb-models regressor) from a state-dict checkpoint."""
 
-    default_batch_atoms = 1000
-    default_batch_atoms_gpu = 4000
 
     def __init__(self, spec: ModelSpec, device: str, model, path: str):
         import torch
         from orb_models.forcefield.forcefield_heads import EnergyHead
 
-        super().__init__(spec, device)
+        super().__init__(spec, device, path)
         self.model = model.to(device).eval()
-        self.path = path
         heads = [h for h in model.heads.values() if isinstance(h, EnergyHead)]
         if len(heads) != 1:
             raise NotImplementedError(f"model {spec.key}: expected one EnergyHead, found {len(heads)}")
@@ -138,33 +99,38 @@ class OrbAdapter(Adapter):
         linears = [m for m in self.head.mlp if isinstance(m, torch.nn.Linear)]
         self.last_linear = linears[-1]
         self.dtype = self.last_linear.weight.dtype
-        self._sha256 = None
 
     @classmethod
-    def load(cls, spec: ModelSpec, device: str) -> "OrbAdapter":
-        try:
-            import orb_models.forcefield.pretrained  # noqa: F401
-        except ImportError as exc:
-            raise ModelUnavailable(
-                f"model {spec.key}: orb-models not importable ({exc}); it runs in environment "
-                f"{spec.environment!r} (`make setup`)"
-            ) from exc
-        model, path = _load_model(spec, device)
-        return cls(spec, device, model, path)
+    def cached_checkpoint(cls, spec: ModelSpec) -> Path | None:
+        """cached_path's copy of the builder's weights URL (orb-models' own cache)."""
+        from cached_path import find_latest_cached
+
+        cached = find_latest_cached(_url(spec))
+        return Path(cached) if cached is not None else None
 
     @classmethod
-    def availability(cls, spec: ModelSpec) -> tuple[bool, str]:
-        """Whether orb-models is importable and the checkpoint is on disk (never downloads)."""
-        import importlib.util
+    def download_checkpoint(cls, spec: ModelSpec) -> str:
+        from cached_path import cached_path
 
-        if importlib.util.find_spec("orb_models") is None:
-            return False, f"package orb-models not importable here; the model runs in environment {spec.environment!r}"
-        path = local_checkpoint(spec)
-        if path is not None:
-            return True, f"local checkpoint {path}"
-        if spec.source["kind"] == "loader":
-            return False, f"orb-models downloads {spec.source['filename']!r} on first use (needs internet)"
-        return False, f"local checkpoint {spec.source.get('path')!r} not in the checkpoints folder"
+        _check_reachable(_url(spec))  # cached_path retries for ~30 s before it gives up offline
+        return str(cached_path(_url(spec)))
+
+    @classmethod
+    def open(cls, spec: ModelSpec, device: str, path: str) -> "OrbAdapter":
+        """The ORB regressor of ``spec`` in float32 (no torch.compile) from the weights at ``path``."""
+        from orb_models.forcefield import pretrained
+
+        opts = dict(device=device, precision="float32-highest", compile=False)
+        if spec.source["kind"] != "local":
+            return cls(spec, device, _builder(spec)(weights_path=str(path), **opts), path)
+        from orb_models.forcefield.atomic_system import SystemConfig
+
+        arch = spec.options.get("architecture")
+        if arch not in ARCHITECTURES:
+            raise ModelUnavailable(f"model {spec.key}: options.architecture must be one of {ARCHITECTURES}")
+        model = getattr(pretrained, arch)(system_config=SystemConfig(**spec.options["system_config"]),
+                                          **spec.options.get("architecture_args", {}))
+        return cls(spec, device, pretrained.load_model(model, str(path), **opts), path)
 
     @property
     def supported_elements(self) -> set[int]:
@@ -220,12 +186,10 @@ class OrbAdapter(Adapter):
         values = torch.repeat_interleave(torch.cat([hidden, rep], dim=1), n_node, dim=0)
         values = values.cpu().numpy().astype(np.float32)
         d = hidden.shape[1]
-        blocks = [
-            Block("graph_hidden", 0, d, "energy head's last hidden layer on the mean-pooled node features "
-                  "(structure-level: the same for every atom of a structure)"),
-            Block("pair_repulsion", d, d + 1, "ZBL pair-repulsion energy of the structure / number of atoms"),
-        ]
-        return values, blocks, energy
+        return values, [Block("graph_hidden", 0, d, "energy head's last hidden layer on the mean-pooled node "
+                              "features (structure-level: the same for every atom of a structure)"),
+                        Block("pair_repulsion", d, d + 1, "ZBL pair-repulsion energy of the structure / number of "
+                              "atoms")], energy
 
     def readout(self) -> Readout:
         """``e_i = [s w, 1] . (h, E_rep / n) + s b + m + ref_Z``."""
@@ -239,54 +203,10 @@ class OrbAdapter(Adapter):
         with torch.no_grad():
             ref = self.head.reference(torch.tensor(zs, device=self.device),
                                       torch.ones(len(zs), dtype=torch.long, device=self.device))
-        weight = np.zeros((119, len(w) + 1))
-        bias = np.zeros(119)
-        weight[zs] = np.concatenate([scale * w, [1.0]])[None, :]
-        bias[zs] = scale * b + mean + ref.detach().double().cpu().numpy()
-        return Readout(weight=weight, bias=bias)
+        return species_readout(zs, np.concatenate([scale * w, [1.0]]), scale * b + mean + ref.detach().double().cpu().numpy())
 
     def calculator(self):
         """orb-models' ASE calculator on the same model."""
         from orb_models.forcefield.calculator import ORBCalculator
 
         return ORBCalculator(self.model, device=self.device)
-
-    def checkpoint_sha256(self) -> str | None:
-        if self._sha256 is None:
-            self._sha256 = file_sha256(self.path)
-        return self._sha256
-
-    def versions(self) -> dict:
-        from importlib.metadata import PackageNotFoundError, version
-
-        out = {}
-        for p in ("orb-models", "torch", "cached_path"):
-            try:
-                out[p] = version(p)
-            except PackageNotFoundError:
-                out[p] = None
-        return out
-
-
-def build_random_orb(path: str, seed: int = 0, architecture: str = "orb_v3_direct_architecture",
-                     system_config: dict | None = None, **architecture_args) -> dict:
-    """A small randomly initialised ORB (orb-models' own architecture builder), saved as a state dict.
-
-    ``architecture_args`` override the builder's defaults (``latent_dim``, ``base_mlp_hidden_dim``,
-    ``head_mlp_hidden_dim``, ``num_message_passing_steps`` ...). The energy head keeps
-    orb-models' own per-element reference energies and normaliser. Returns the ``options`` a
-    ``local`` registry entry needs to rebuild the architecture; the file is read back with
-    orb-models' ``load_model``. Runs in the ``orb`` environment.
-    """
-    import torch
-    from orb_models.forcefield import pretrained
-    from orb_models.forcefield.atomic_system import SystemConfig
-
-    if architecture not in ARCHITECTURES:
-        raise ValueError(f"architecture must be one of {ARCHITECTURES}")
-    system_config = system_config or {"radius": 6.0, "max_num_neighbors": 120}
-    torch.manual_seed(seed)
-    model = getattr(pretrained, architecture)(system_config=SystemConfig(**system_config), **architecture_args)
-    model.eval()
-    torch.save(model.state_dict(), str(path))
-    return {"architecture": architecture, "architecture_args": architecture_args, "system_config": system_config}

@@ -45,46 +45,13 @@ import copy
 
 import numpy as np
 
-from ..errors import ModelUnavailable
 from ..features import Block, Readout
-from ..registry import ModelSpec, local_checkpoint
-from .base import Adapter, file_sha256
+from ..registry import ModelSpec
+from .base import Adapter, species_readout
 
 LAST_OUTPUT = "mtt::aux::energy_last_layer_features"
 BACKBONE_OUTPUTS = ("features", "feature")  # metatomic's standard name, metatrain PET's name
 TARGET = "energy"
-
-
-def _checkpoint_path(spec: ModelSpec) -> str:
-    """A local ``.pt``/``.ckpt`` for ``spec``, else (``loader``) upet's download of it.
-
-    Raises
-    ------
-    ModelUnavailable
-        When the file is not local and cannot be downloaded (offline), saying where to put it.
-    """
-    path = local_checkpoint(spec)
-    if path is not None:
-        return str(path)
-    src = spec.source
-    if src["kind"] != "loader":
-        raise ModelUnavailable(
-            f"model {spec.key}: checkpoint {src.get('path')!r} not found; put it in the checkpoints "
-            "folder ($UMLIP_LATENTS_CHECKPOINTS)"
-        )
-    where = f"the checkpoints folder ($UMLIP_LATENTS_CHECKPOINTS) as {src['filename']!r}"
-    try:
-        from upet._models import _resolve_and_download_checkpoint
-
-        return _resolve_and_download_checkpoint(src["name"], src.get("size"), src.get("version"))[2]
-    except ImportError as exc:
-        raise ModelUnavailable(f"model {spec.key}: package upet not importable ({exc}); put the file in {where}") from exc
-    except Exception as exc:  # huggingface_hub raises many kinds of errors offline
-        raise ModelUnavailable(
-            f"model {spec.key}: upet could not download {src['filename']!r} from the Hugging Face repository "
-            f"lab-cosmo/upet ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-            f"download it where there is internet and put it in {where}"
-        ) from exc
 
 
 def _load_module(path: str):
@@ -103,16 +70,13 @@ def _load_module(path: str):
 class PetAdapter(Adapter):
     """A PET model from a metatomic ``.pt`` or metatrain ``.ckpt`` file."""
 
-    default_batch_atoms = 1000
-    default_batch_atoms_gpu = 4000
 
     def __init__(self, spec: ModelSpec, device: str, module, neighbor_lists, path: str):
         import torch
 
-        super().__init__(spec, device)
+        super().__init__(spec, device, path)
         self.module = module.to(device).eval()
         self.neighbor_lists = neighbor_lists
-        self.path = path
         self.dtype = next(p for p in module.parameters()).dtype
         self.types = [int(z) for z in module.atomic_types]
         self.n_layers = sum(1 for k in module.state_dict() if k.startswith(f"backend.node_last_layers.{TARGET}.")
@@ -127,35 +91,19 @@ class PetAdapter(Adapter):
                     p.zero_()
                     if name.endswith("bias"):
                         p.fill_(1.0)
-        self._sha256 = None
 
     @classmethod
-    def load(cls, spec: ModelSpec, device: str) -> "PetAdapter":
-        try:
-            import metatomic.torch  # noqa: F401
-            import metatrain  # noqa: F401
-        except ImportError as exc:
-            raise ModelUnavailable(
-                f"model {spec.key}: metatrain/metatomic not importable ({exc}); it runs in environment "
-                f"{spec.environment!r} (`make setup`)"
-            ) from exc
-        path = _checkpoint_path(spec)
+    def download_checkpoint(cls, spec: ModelSpec) -> str:
+        """upet's loader (needs internet)."""
+        from upet._models import _resolve_and_download_checkpoint  # upet's only entry point for a path
+
+        src = spec.source
+        return _resolve_and_download_checkpoint(src["name"], src.get("size"), src.get("version"))[2]
+
+    @classmethod
+    def open(cls, spec: ModelSpec, device: str, path: str) -> "PetAdapter":
         module, nls = _load_module(path)
         return cls(spec, device, module, nls, path)
-
-    @classmethod
-    def availability(cls, spec: ModelSpec) -> tuple[bool, str]:
-        """Whether metatrain is importable and the checkpoint is on disk (never downloads)."""
-        import importlib.util
-
-        if importlib.util.find_spec("metatrain") is None:
-            return False, f"package metatrain not importable here; the model runs in environment {spec.environment!r}"
-        path = local_checkpoint(spec)
-        if path is not None:
-            return True, f"local checkpoint {path}"
-        if spec.source["kind"] == "loader":
-            return False, f"upet downloads {spec.source['filename']!r} on first use (needs internet)"
-        return False, f"local checkpoint {spec.source.get('path')!r} not in the checkpoints folder"
 
     @property
     def supported_elements(self) -> set[int]:
@@ -223,12 +171,7 @@ class PetAdapter(Adapter):
             b_edge += float(state[prefix.format("edge", layer, "bias")][0])
         w = np.concatenate(w + [np.array([b_edge])])
         scale, shift = self._scale_and_shift()
-        zs = np.array(self.types)
-        weight = np.zeros((119, len(w)))
-        bias = np.zeros(119)
-        weight[zs] = scale[:, None] * w[None, :]
-        bias[zs] = scale * b_node + shift
-        return Readout(weight=weight, bias=bias)
+        return species_readout(self.types, scale[:, None] * w[None, :], scale * b_node + shift)
 
     def _scale_and_shift(self) -> tuple[np.ndarray, np.ndarray]:
         """Per-type scale ``s_Z`` (Scaler) and reference energy ``c_Z`` (CompositionModel)."""
@@ -267,51 +210,7 @@ class PetAdapter(Adapter):
             return MetatomicCalculator(load_model(self.path).export(), device=self.device)
         return MetatomicCalculator(self.path, device=self.device)
 
-    def checkpoint_sha256(self) -> str | None:
-        if self._sha256 is None:
-            self._sha256 = file_sha256(self.path)
-        return self._sha256
-
-    def versions(self) -> dict:
-        from importlib.metadata import PackageNotFoundError, version
-
-        out = {}
-        for p in ("metatrain", "metatomic-torch", "metatensor-torch", "upet", "torch"):
-            try:
-                out[p] = version(p)
-            except PackageNotFoundError:
-                out[p] = None
-        return out
-
 
 def _silu1() -> float:
     """SiLU(1) = 1 / (1 + e^-1)."""
     return 1.0 / (1.0 + np.exp(-1.0))
-
-
-def build_random_pet(path: str, atomic_types: list[int], seed: int = 0, reference_energies: dict | None = None,
-                     **hypers) -> str:
-    """A small randomly initialised PET (metatrain defaults overridden by ``hypers``), exported to ``path``.
-
-    ``reference_energies`` (eV per atom of each type) become the composition model's fixed
-    weights so the readout's per-element shift is exercised; the scaler keeps scale 1.
-    Runs in the ``pet`` environment.
-    """
-    import torch
-    from metatrain.pet import PET
-    from metatrain.utils.architectures import get_default_hypers
-    from metatrain.utils.data import DatasetInfo
-    from metatrain.utils.data.target_info import get_energy_target_info
-
-    torch.manual_seed(seed)
-    model_hypers = get_default_hypers("pet")["model"]
-    model_hypers.update(hypers)
-    info = DatasetInfo(length_unit="Angstrom", atomic_types=list(atomic_types),
-                       targets={TARGET: get_energy_target_info(TARGET, {"quantity": "energy", "unit": "eV"})})
-    model = PET(model_hypers, info)
-    if reference_energies:
-        model.additive_models[0].model.fit(fixed_weights={TARGET: {int(z): float(e) for z, e in reference_energies.items()}})
-        model.additive_models[0].sync_tensor_maps()
-    model.eval()
-    model.export().save(str(path))
-    return str(path)

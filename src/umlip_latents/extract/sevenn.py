@@ -44,13 +44,14 @@ Graphs take every neighbour closer than the cutoff (5 A; smooth XPLOR envelope f
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import numpy as np
 
 from ..errors import ModelUnavailable
 from ..features import Block, Readout
-from ..registry import ModelSpec, local_checkpoint
-from .base import Adapter, affine_probe, file_sha256
+from ..registry import ModelSpec
+from .base import Adapter, affine_probe, species_readout
 
 #: module whose input is the "last" layer, and the module whose input is the "backbone".
 LAST_MODULE = "reduce_hidden_to_energy"
@@ -59,68 +60,47 @@ RESCALE_MODULE = "rescale_atomic_energy"
 REDUCE_MODULE = "reduce_total_enegy"  # sic, sevenn's module name
 
 
-def _checkpoint_path(spec: ModelSpec) -> str:
-    """Path of the checkpoint file of ``spec``.
-
-    ``wheel``: sevenn's own ``pretrained_name_to_path`` (the file ships in the wheel's
-    ``pretrained_potentials``; sevenn has no download link for these names). ``loader``:
-    the checkpoints folder first, else ``pretrained_name_to_path`` (downloads when online).
-    ``local``: the checkpoints folder.
-    """
-    src = spec.source
-    if src["kind"] != "wheel":
-        path = local_checkpoint(spec)
-        if path is not None:
-            return str(path)
-        if src["kind"] == "local":
-            raise ModelUnavailable(
-                f"model {spec.key}: checkpoint {src['path']!r} not found; put it in the checkpoints "
-                "folder ($UMLIP_LATENTS_CHECKPOINTS)"
-            )
-    import sevenn.util
-
-    try:
-        return sevenn.util.pretrained_name_to_path(src["name"])
-    except ValueError as exc:
-        raise ModelUnavailable(f"model {spec.key}: sevenn does not know pretrained model {src['name']!r} ({exc})") from exc
-    except OSError as exc:
-        raise ModelUnavailable(
-            f"model {spec.key}: checkpoint of {src['name']!r} is not available ({exc}); reinstall sevenn "
-            "in the sevenn environment (`make setup`)"
-        ) from exc
-
-
 class SevennAdapter(Adapter):
     """A SevenNet checkpoint loaded with ``sevenn.util.load_checkpoint``."""
 
     default_batch_atoms = 100  # CPU: see Adapter.default_batch_atoms
+    default_batch_atoms_gpu = 8000
 
     def __init__(self, spec: ModelSpec, device: str, model, path: str, modal: str | None):
-        super().__init__(spec, device)
+        super().__init__(spec, device, path)
         self.model = model
-        self.path = path
         self.modal = modal
         self.cutoff = float(model.cutoff)
         self.type_map = {int(z): int(i) for z, i in model.type_map.items()}
-        self._sha256 = None
 
     @classmethod
-    def load(cls, spec: ModelSpec, device: str) -> "SevennAdapter":
+    def bundled_checkpoint(cls, spec: ModelSpec) -> Path | None:
+        """sevenn's own ``pretrained_name_to_path`` (the file ships in ``pretrained_potentials``)."""
+        import sevenn.util
+
+        try:
+            path = Path(sevenn.util.pretrained_name_to_path(spec.source["name"]))
+        except (ValueError, OSError):  # unknown name, or a name sevenn would download
+            return None
+        return path if path.is_file() else None
+
+    @classmethod
+    def download_checkpoint(cls, spec: ModelSpec) -> str:
+        import sevenn.util
+
+        return sevenn.util.pretrained_name_to_path(spec.source["name"])
+
+    @classmethod
+    def open(cls, spec: ModelSpec, device: str, path: str) -> "SevennAdapter":
         """Build the model from its checkpoint, drop its force output and set the modality.
 
         Raises
         ------
         ModelUnavailable
-            When sevenn or the checkpoint is missing, or the modality is not one of the model's.
+            When the modality is not one of the model's.
         """
-        try:
-            import sevenn.util
-        except ImportError as exc:
-            raise ModelUnavailable(
-                f"model {spec.key}: package sevenn not importable ({exc}); it runs in environment "
-                f"{spec.environment!r} (`make setup`)"
-            ) from exc
-        path = _checkpoint_path(spec)
+        import sevenn.util
+
         cp = sevenn.util.load_checkpoint(path)
         model = cp.build_model()
         modal = spec.options.get("modal")
@@ -139,31 +119,6 @@ class SevennAdapter(Adapter):
         model.to(device)
         model.eval()
         return cls(spec, device, model, path, modal)
-
-    @classmethod
-    def availability(cls, spec: ModelSpec) -> tuple[bool, str]:
-        """Whether sevenn is importable and the checkpoint is on disk.
-
-        ``wheel`` checkpoints ship inside the sevenn wheel (sevenn has no download link for
-        them, so resolving the name never downloads); ``loader`` checkpoints are only looked
-        for in the checkpoints folder.
-        """
-        import importlib.util
-
-        if importlib.util.find_spec("sevenn") is None:
-            return False, f"package sevenn not importable here; the model runs in environment {spec.environment!r}"
-        kind = spec.source["kind"]
-        path = local_checkpoint(spec) if kind != "wheel" else None
-        if path is not None:
-            return True, f"local checkpoint {path}"
-        if kind == "local":
-            return False, f"local checkpoint {spec.source['path']!r} not in the checkpoints folder"
-        if kind == "loader":
-            return False, f"sevenn downloads {spec.source['name']!r} on first use (needs internet)"
-        try:
-            return True, f"bundled in the sevenn wheel: {_checkpoint_path(spec)}"
-        except ModelUnavailable as exc:
-            return False, str(exc)
 
     @property
     def supported_elements(self) -> set[int]:
@@ -256,12 +211,7 @@ class SevennAdapter(Adapter):
                 res.append(rescale(data)[rescale.key_output].reshape(-1).double().cpu().numpy())
         shift, scale = res[0], res[1] - res[0]
         const = float(getattr(self.model._modules[REDUCE_MODULE], "constant", 1.0))
-        weight = np.zeros((119, len(w)))
-        bias = np.zeros(119)
-        idx = np.array(zs)
-        weight[idx] = const * scale[:, None] * w[None, :]
-        bias[idx] = const * (scale * b0 + shift)
-        return Readout(weight=weight, bias=bias)
+        return species_readout(zs, const * scale[:, None] * w[None, :], const * (scale * b0 + shift))
 
     def calculator(self):
         """sevenn's own ``SevenNetCalculator`` on the same checkpoint file and modality.
@@ -272,14 +222,3 @@ class SevennAdapter(Adapter):
         from sevenn.calculator import SevenNetCalculator
 
         return SevenNetCalculator(model=self.path, file_type="checkpoint", device=self.device, modal=self.modal)
-
-    def checkpoint_sha256(self) -> str | None:
-        """sha256 of the ``.pth`` checkpoint file."""
-        if self._sha256 is None:
-            self._sha256 = file_sha256(self.path)
-        return self._sha256
-
-    def versions(self) -> dict:
-        from importlib.metadata import version
-
-        return {p: version(p) for p in ("sevenn", "e3nn", "torch", "torch_geometric")}

@@ -50,8 +50,8 @@ import numpy as np
 
 from ..errors import ModelUnavailable
 from ..features import Block, Readout
-from ..registry import ModelSpec, local_checkpoint
-from .base import Adapter, file_sha256
+from ..registry import ModelSpec
+from .base import Adapter, species_readout
 
 TASKS = ("omat", "omol", "oc20", "odac", "omc")
 
@@ -61,43 +61,6 @@ def _task(spec: ModelSpec) -> str:
     if not task:
         raise ModelUnavailable(f"model {spec.key}: a UMA entry needs options.task (one of {', '.join(TASKS)})")
     return str(task)
-
-
-def _checkpoint_path(spec: ModelSpec) -> str:
-    """A local checkpoint for ``spec``, else (``loader``) fairchem's download of it.
-
-    Raises
-    ------
-    ModelUnavailable
-        When the file is not local and cannot be downloaded (offline, or no access to the
-        gated repository), saying where to put it.
-    """
-    path = local_checkpoint(spec)
-    if path is not None:
-        return str(path)
-    src = spec.source
-    if src["kind"] != "loader":
-        raise ModelUnavailable(
-            f"model {spec.key}: checkpoint {src.get('path')!r} not found; put it in the checkpoints "
-            "folder ($UMLIP_LATENTS_CHECKPOINTS)"
-        )
-    where = f"the checkpoints folder ($UMLIP_LATENTS_CHECKPOINTS) as {src['filename']!r}"
-    try:
-        from fairchem.core.calculate.pretrained_mlip import pretrained_checkpoint_path_from_name
-    except ImportError as exc:
-        raise ModelUnavailable(
-            f"model {spec.key}: package fairchem-core not importable ({exc}); put the file in {where}"
-        ) from exc
-    try:
-        return pretrained_checkpoint_path_from_name(src["name"])
-    except Exception as exc:  # huggingface_hub raises many kinds of errors offline / without access
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        raise ModelUnavailable(
-            f"model {spec.key}: fairchem could not download {src['filename']!r} from the Hugging Face "
-            f"repository facebook/UMA ({type(exc).__name__}: {first}); the repository is gated: accept the "
-            f"UMA licence and log in (`hf auth login`) where there is internet, or download the file and put "
-            f"it in {where}"
-        ) from exc
 
 
 def _find_energy_head(model):
@@ -116,16 +79,13 @@ def _find_energy_head(model):
 class UmaAdapter(Adapter):
     """One task head of a UMA checkpoint (fairchem ``MLIPInferenceCheckpoint``)."""
 
-    default_batch_atoms = 1000
-    default_batch_atoms_gpu = 4000
 
     def __init__(self, spec: ModelSpec, device: str, unit, path: str):
         import torch
 
-        super().__init__(spec, device)
+        super().__init__(spec, device, path)
         self.task = _task(spec)
         self.unit = unit
-        self.path = path
         self.model = unit.model.module  # the HydraModel inside fairchem's EMA wrapper
         datasets = unit.dataset_to_tasks
         if self.task not in datasets:
@@ -149,7 +109,6 @@ class UmaAdapter(Adapter):
         self.head.energy_block.register_forward_hook(self._hook("backbone"))
         self.final.register_forward_hook(self._hook("last"))
         self._prepared = False
-        self._sha256 = None
 
     def _hook(self, name):
         def hook(module, inputs, output):
@@ -158,38 +117,28 @@ class UmaAdapter(Adapter):
         return hook
 
     @classmethod
+    def download_checkpoint(cls, spec: ModelSpec) -> str:
+        """fairchem's download of the registered name (needs internet and access to the gated repository)."""
+        from fairchem.core.calculate.pretrained_mlip import pretrained_checkpoint_path_from_name
+
+        return pretrained_checkpoint_path_from_name(spec.source["name"])
+
+    @classmethod
     def load(cls, spec: ModelSpec, device: str) -> "UmaAdapter":
-        try:
-            from fairchem.core.units.mlip_unit import load_predict_unit
-            from fairchem.core.units.mlip_unit.api.inference import InferenceSettings
-        except ImportError as exc:
-            raise ModelUnavailable(
-                f"model {spec.key}: fairchem-core not importable ({exc}); it runs in environment "
-                f"{spec.environment!r} (`make setup`)"
-            ) from exc
-        _task(spec)
-        path = _checkpoint_path(spec)
+        _task(spec)  # before any work: an entry without a task is a registry error
+        return super().load(spec, device)
+
+    @classmethod
+    def open(cls, spec: ModelSpec, device: str, path: str) -> "UmaAdapter":
+        from fairchem.core.units.mlip_unit import load_predict_unit
+        from fairchem.core.units.mlip_unit.api.inference import InferenceSettings
+
         settings = InferenceSettings(tf32=False, activation_checkpointing=False, merge_mole=False, compile=False,
                                      external_graph_gen=False, auto_add_default_untrained_tasks=False)
         overrides = {"backbone": {"regress_forces": False, "regress_stress": False}}
         unit = load_predict_unit(path, inference_settings=settings, overrides=overrides,
                                  device="cuda" if device.startswith("cuda") else "cpu")
         return cls(spec, device, unit, path)
-
-    @classmethod
-    def availability(cls, spec: ModelSpec) -> tuple[bool, str]:
-        """Whether fairchem-core is importable and the checkpoint is on disk (never downloads)."""
-        import importlib.util
-
-        if importlib.util.find_spec("fairchem") is None:
-            return False, f"package fairchem-core not importable here; the model runs in environment {spec.environment!r}"
-        path = local_checkpoint(spec)
-        if path is not None:
-            return True, f"local checkpoint {path}"
-        if spec.source["kind"] == "loader":
-            return False, (f"fairchem downloads {spec.source['filename']!r} from the gated Hugging Face repository "
-                           "facebook/UMA on first use (needs internet and accepted licence)")
-        return False, f"local checkpoint {spec.source.get('path')!r} not in the checkpoints folder"
 
     @property
     def supported_elements(self) -> set[int]:
@@ -263,15 +212,11 @@ class UmaAdapter(Adapter):
         rmsd = float(task.normalizer.rmsd)
         w = self.final.weight.detach().double().cpu().numpy().reshape(-1)
         b = float(self.final.bias.detach().double().cpu().numpy().reshape(-1)[0]) if self.final.bias is not None else 0.0
-        weight = np.zeros((119, len(w)))
-        bias = np.zeros(119)
         zs = np.array(sorted(self.supported_elements))
-        weight[zs] = rmsd * w[None, :]
-        bias[zs] = rmsd * b
+        bias = np.full(len(zs), rmsd * b)
         if task.element_references is not None:
-            refs = task.element_references.element_references.detach().double().cpu().numpy()
-            bias[zs] += refs[zs]
-        return Readout(weight=weight, bias=bias)
+            bias += task.element_references.element_references.detach().double().cpu().numpy()[zs]
+        return species_readout(zs, rmsd * w, bias)
 
     def calculator(self):
         """fairchem's ``FAIRChemCalculator`` on the same file and task (energy, forces, stress)."""
@@ -282,87 +227,5 @@ class UmaAdapter(Adapter):
                                  device="cuda" if self.device.startswith("cuda") else "cpu")
         return FAIRChemCalculator(unit, task_name=self.task)
 
-    def checkpoint_sha256(self) -> str | None:
-        if self._sha256 is None:
-            self._sha256 = file_sha256(self.path)
-        return self._sha256
-
-    def versions(self) -> dict:
-        from importlib.metadata import PackageNotFoundError, version
-
-        out = {}
-        for p in ("fairchem-core", "e3nn", "torch"):
-            try:
-                out[p] = version(p)
-            except PackageNotFoundError:
-                out[p] = None
-        out["uma_task"] = self.task
-        return out
-
-
-def build_random_uma(path: str, seed: int = 0, tasks: tuple = TASKS, reference_energies: dict | None = None,
-                     rmsd: float = 1.423, **backbone) -> str:
-    """A small randomly initialised UMA (UMA-S-1.1 layout), saved as a fairchem inference checkpoint.
-
-    The layout is UMA-S-1.1's: ``eSCNMDMoeBackbone`` (MoLE, composition embedding, dataset
-    embedding, ``model_version`` 1.1), one ``MLP_EFS_Head`` shared by the tasks through
-    ``DatasetSpecificSingleHeadWrapper``, and per task an energy, forces and stress task with
-    a normaliser (mean 0, ``rmsd``; 1.423 in fairchem's UMA training configs) and per-element
-    references. ``backbone`` overrides the (small) defaults;
-    ``reference_energies`` maps each task to ``{Z: eV}`` (other elements 0); the EMA weights
-    equal the weights. The file loads with fairchem's ``load_predict_unit``.
-    """
-    import torch
-    from fairchem.core.models.base import HydraModel
-    from fairchem.core.units.mlip_unit.api.inference import MLIPInferenceCheckpoint
-
-    torch.manual_seed(seed)
-    tasks = list(tasks)
-    bb = dict(model="fairchem.core.models.uma.escn_moe.eSCNMDMoeBackbone", max_num_elements=100,
-              sphere_channels=16, lmax=2, mmax=2, otf_graph=True, max_neighbors=300, use_pbc=True,
-              use_pbc_single=True, cutoff=6.0, edge_channels=16, distance_function="gaussian",
-              num_distance_basis=16, regress_forces=True, regress_stress=True, direct_forces=False,
-              num_layers=2, hidden_channels=16, norm_type="rms_norm_sh", act_type="gate", ff_type="spectral",
-              chg_spin_emb_type="rand_emb", cs_emb_grad=True, dataset_emb_grad=True, dataset_list=tasks,
-              use_dataset_embedding=True, num_experts=4, moe_dropout=0.0, use_composition_embedding=True,
-              moe_layer_type="pytorch", model_version=1.1)
-    bb.update(backbone)
-    heads = {"energyandforcehead": {
-        "module": "fairchem.core.models.uma.escn_moe.DatasetSpecificSingleHeadWrapper",
-        "head_cls": "fairchem.core.models.uma.escn_md.MLP_EFS_Head",
-        "head_kwargs": {"wrap_property": False},
-        "dataset_names": tasks,
-    }}
-    model_config = {"_target_": "fairchem.core.models.base.HydraModel", "backbone": bb, "heads": heads,
-                    "pass_through_head_outputs": True, "otf_graph": True}
-    cfg = {k: v for k, v in model_config.items() if k != "_target_"}
-    model = HydraModel(**cfg)
-    ema = torch.optim.swa_utils.AveragedModel(model)
-
-    def norm():
-        return {"_target_": "fairchem.core.modules.normalization.normalizer.Normalizer", "mean": 0.0, "rmsd": rmsd}
-
-    tasks_config = []
-    for t in tasks:
-        refs = [0.0] * bb["max_num_elements"]
-        for z, e in ((reference_energies or {}).get(t) or {}).items():
-            refs[int(z)] = float(e)
-        tasks_config.append({
-            "_target_": "fairchem.core.units.mlip_unit.mlip_unit.Task", "name": f"{t}_energy", "level": "system",
-            "property": "energy", "out_spec": {"dim": [1], "dtype": "float32"}, "normalizer": norm(),
-            "element_references": {
-                "_target_": "fairchem.core.modules.normalization.element_references.ElementReferences",
-                "element_references": {"_target_": "torch.DoubleTensor", "_args_": [refs]},
-            },
-            "datasets": [t], "metrics": ["mae", "per_atom_mae"],
-        })
-        for prop, level, dim in (("forces", "atom", [3]), ("stress", "system", [1, 9])):
-            tasks_config.append({
-                "_target_": "fairchem.core.units.mlip_unit.mlip_unit.Task", "name": f"{t}_{prop}", "level": level,
-                "property": prop, "out_spec": {"dim": dim, "dtype": "float32"}, "normalizer": norm(),
-                "datasets": [t], "metrics": ["mae"],
-            })
-    ckpt = MLIPInferenceCheckpoint(model_config=model_config, model_state_dict=model.state_dict(),
-                                   ema_state_dict=ema.state_dict(), tasks_config=tasks_config)
-    torch.save(ckpt, str(path))
-    return str(path)
+    def extra_versions(self) -> dict:
+        return {"uma_task": self.task}

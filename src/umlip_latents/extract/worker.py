@@ -1,15 +1,27 @@
-"""Run an extraction inside another family's virtual environment.
+"""Operations of a model family run in that family's own virtual environment: :func:`call`.
 
-The parent writes the structures (exact arrays, no text rounding) and the model spec to a
-temporary folder and hands the folder to a worker process running ``<env>/bin/python -m
-umlip_latents.extract.worker --serve``, then reads the result back. An error in the child
-comes back as the same exception class with the child's message.
+``call(env, op, payload)`` hands one request to a worker process running
+``<env>/bin/python -m umlip_latents.extract.worker --serve`` and returns its answer. The ops
+(:data:`OPS`) are what the main process needs of an adapter it cannot import: ``extract``
+(a :class:`~umlip_latents.features.FeatureSet`), ``availability``, ``versions`` and
+``supported_elements``; the main process never re-implements an adapter. A request is a
+folder (``request.json``: op and payload; ``structures.npz``: exact arrays, no text
+rounding), so the same operation can later be sent to a remote worker by a scheduler.
+
+Errors: an exception raised in the environment comes back as the same class (the toolkit's
+own errors) or :class:`~umlip_latents.errors.ExtractionFailed`, with the child's traceback
+attached (``exc.remote_traceback``, and as a note shown under the parent's traceback).
+Every request has a timeout (:func:`default_timeout`, scaled to the atoms;
+``$UMLIP_LATENTS_WORKER_TIMEOUT`` or the ``timeout`` argument override it); a worker that
+does not answer in time (hung, stopped) is killed and :class:`WorkerTimeout` says what timed
+out and how to raise the limit.
 
 The worker of an environment is started on first use and kept for the life of the parent
 process, with the models it loaded: importing a family's package and loading a checkpoint
 cost ~6 s, which a notebook calling it per shard, per probe and per layer would otherwise pay
-every time. It ends when the parent exits (its stdin closes), and is replaced when the
-parent's environment variables change (they choose checkpoints and folders).
+every time. It ends when the parent exits (its stdin closes), and is replaced when it died,
+timed out, raised an unexpected error, or when a variable of :func:`worker_environment_key`
+changed (those choose checkpoints, folders, devices and threads).
 ``UMLIP_LATENTS_KEEP_WORKERS=0`` runs one process per call instead.
 """
 
@@ -19,27 +31,48 @@ import atexit
 import hashlib
 import json
 import os
+import select
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
+import time
+import traceback
 from pathlib import Path
 
 import numpy as np
 
 from .. import paths
 from ..errors import ERROR_CLASSES, ExtractionFailed, ModelUnavailable
-from ..features import Block, FeatureSet, Readout
+from ..families import environment_python
+from ..features import FeatureSet
 from ..registry import ModelSpec
 
+#: variables (exact names, and prefixes ending in ``_``) a kept worker is keyed on: a change
+#: replaces it. Others (e.g. pytest's per-test ``PYTEST_CURRENT_TEST``) do not.
+KEY_VARIABLES = ("UMLIP_LATENTS_", "HF_", "CUDA_", "TORCH_", "OMP_", "MKL_", "OPENBLAS_", "XDG_", "DP_",
+                 "HOME", "PATH", "PYTHONPATH", "LD_LIBRARY_PATH", "DEVICE", "DIEP_MODEL_DIR")
+TIMEOUT_VAR = "UMLIP_LATENTS_WORKER_TIMEOUT"
 
-def environment_python(name: str) -> Path:
-    """The python executable of environment ``name`` (``main`` is the running one)."""
-    if name == "main":
-        root = paths.project_root() / ".venv"
-    else:
-        root = paths.envs_dir() / name
-    return root / "bin" / "python"
+
+class WorkerTimeout(ExtractionFailed):
+    """A family-environment worker did not answer within its timeout (and was stopped)."""
+
+
+def default_timeout(op: str, n_atoms: int = 0) -> float:
+    """Seconds a request may take: ``$UMLIP_LATENTS_WORKER_TIMEOUT``, else 300 s (start-up, model
+    loading) plus 0.2 s per atom for ``extract`` (5 atoms/s, far below any family's CPU rate)."""
+    value = os.environ.get(TIMEOUT_VAR)
+    if value:
+        try:
+            seconds = float(value)
+        except ValueError:
+            raise ValueError(f"{TIMEOUT_VAR}={value!r} is not a number of seconds") from None
+        if seconds <= 0:
+            raise ValueError(f"{TIMEOUT_VAR} must be positive, not {value!r}")
+        return seconds
+    return 300.0 + (0.2 * n_atoms if op == "extract" else 0.0)
 
 
 def pack_structures(structures: list, path: Path) -> None:
@@ -76,24 +109,26 @@ def unpack_structures(path: Path) -> list:
     return out
 
 
-def save_featureset(fs: FeatureSet, folder: Path) -> None:
-    arrays = dict(values=fs.values, structure_index=fs.structure_index, species=fs.species,
-                  energy=fs.energy if fs.energy is not None else np.zeros(0))
-    if fs.readout is not None:
-        arrays.update(readout_weight=fs.readout.weight, readout_bias=fs.readout.bias)
-    np.savez(folder / "result.npz", **arrays)
-    (folder / "result.json").write_text(json.dumps({
-        "blocks": [b.to_dict() for b in fs.blocks], "meta": fs.meta, "structure_ids": fs.structure_ids,
-    }))
+def worker_environment_key(env: dict) -> str:
+    """sha256 over the variables of :data:`KEY_VARIABLES` in ``env``."""
+    def keyed(name):
+        return any(name == k or (k.endswith("_") and name.startswith(k)) for k in KEY_VARIABLES)
+
+    return hashlib.sha256(json.dumps(sorted((k, v) for k, v in env.items() if keyed(k))).encode()).hexdigest()
 
 
-def load_featureset(folder: Path) -> FeatureSet:
-    d = np.load(folder / "result.npz")
-    info = json.loads((folder / "result.json").read_text())
-    readout = Readout(d["readout_weight"], d["readout_bias"]) if "readout_weight" in d else None
-    return FeatureSet(values=d["values"], structure_index=d["structure_index"], species=d["species"],
-                      blocks=[Block(**b) for b in info["blocks"]], meta=info["meta"],
-                      structure_ids=info["structure_ids"], energy=d["energy"], readout=readout)
+def _readline(fd: int, deadline: float) -> str | None:
+    """One line from ``fd`` before ``deadline`` (``time.monotonic``); ``None`` on time-out, ``""`` at EOF."""
+    data = b""
+    while not data.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return None
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return ""
+        data += chunk
+    return data.decode().strip()
 
 
 class _Server:
@@ -106,8 +141,12 @@ class _Server:
         self.owner = os.getpid()
         self.lock = threading.Lock()
 
-    def ask(self, folder: Path) -> str:
-        """Hand over a request folder; ``""`` when the process has died (see :meth:`stderr`)."""
+    def ask(self, folder: Path, timeout: float) -> str | None:
+        """Hand over a request folder: ``"done"``, ``""`` when the process died, ``None`` on time-out.
+
+        A worker that does not answer in time, or whose caller is interrupted, is killed: its
+        late answer would answer the next request.
+        """
         with self.lock:
             try:
                 self.proc.stdin.write(f"{folder}\n")
@@ -115,10 +154,13 @@ class _Server:
             except (BrokenPipeError, OSError):
                 return ""
             try:
-                return self.proc.stdout.readline().strip()
-            except BaseException:  # interrupted mid-request: its answer would answer the next one
+                answer = _readline(self.proc.stdout.fileno(), time.monotonic() + timeout)
+            except BaseException:
                 self.proc.kill()
                 raise
+            if answer != "done":
+                self.proc.kill()
+            return answer
 
     def stderr(self) -> str:
         self.log.seek(0)
@@ -138,29 +180,34 @@ class _Server:
 
 #: live workers by environment name: (key of the environment variables they started with, server)
 _SERVERS: dict[str, tuple[str, _Server]] = {}
-#: variables that change while the parent runs without changing what a worker computes
-_VOLATILE = ("PYTEST_CURRENT_TEST",)
 #: holds the exit hook once registered (at the first worker, not at import)
 _AT_EXIT: list = []
 
 
-def _close_servers() -> None:
+def close_workers() -> None:
+    """Stop every kept worker (they also stop when this process exits)."""
     for _, server in list(_SERVERS.values()):
         server.close()
     _SERVERS.clear()
 
 
 def _server(name: str, python: Path, env: dict) -> _Server:
-    key = hashlib.sha256(json.dumps(sorted((k, v) for k, v in env.items() if k not in _VOLATILE)).encode()).hexdigest()
+    key = worker_environment_key(env)
     known = _SERVERS.get(name)
     if known is not None and (known[0] != key or known[1].proc.poll() is not None):
         known[1].close()
         known = None
     if known is None:
         if not _AT_EXIT:
-            _AT_EXIT.append(atexit.register(_close_servers))
+            _AT_EXIT.append(atexit.register(close_workers))
         known = _SERVERS[name] = (key, _Server(python, env))
     return known[1]
+
+
+def live_worker(env: str):
+    """The ``subprocess.Popen`` of the kept worker of ``env``, or ``None``."""
+    known = _SERVERS.get(env)
+    return known[1].proc if known is not None else None
 
 
 def keep_workers() -> bool:
@@ -168,68 +215,144 @@ def keep_workers() -> bool:
     return os.environ.get("UMLIP_LATENTS_KEEP_WORKERS", "1") != "0"
 
 
-def run_in_environment(spec: ModelSpec, structures: list, layer: str, device: str, batch_size: int | None,
-                       on_unsupported: str, workers: int | str = 1) -> FeatureSet:
-    """Extract in ``spec.environment`` through its worker process and return its FeatureSet."""
-    python = environment_python(spec.environment)
+def _raise_remote(err: dict, env: str) -> None:
+    cls = ERROR_CLASSES.get(err["type"], ExtractionFailed)
+    exc = cls(f"{err['message']} [in environment {env}]")
+    exc.remote_traceback = err.get("traceback", "")
+    if exc.remote_traceback:
+        exc.add_note(f"traceback in environment {env}:\n{exc.remote_traceback.rstrip()}")
+    raise exc
+
+
+def _run(env: str, python: Path, folder: Path, timeout: float) -> tuple[str | None, int, str]:
+    """Run the request in ``folder``: (answer, return code, stderr tail); answer ``None`` on time-out."""
+    child_env = dict(os.environ, UMLIP_LATENTS_ENV=env, UMLIP_LATENTS_ROOT=str(paths.project_root()))
+    if keep_workers():
+        server = _server(env, python, child_env)
+        answer = server.ask(folder, timeout)
+        if answer == "done":
+            return answer, 0, ""
+        _SERVERS.pop(env, None)
+        return answer, server.proc.wait(), server.stderr()
+    try:
+        proc = subprocess.run([str(python), "-m", "umlip_latents.extract.worker", str(folder)],
+                              capture_output=True, text=True, env=child_env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None, -signal.SIGKILL, ""
+    return "done", proc.returncode, proc.stderr
+
+
+def call(env: str, op: str, payload: dict, structures: list | None = None, timeout: float | None = None,
+         what: str = ""):
+    """Run operation ``op`` (one of :data:`OPS`) with ``payload`` in environment ``env``; its answer.
+
+    ``extract`` answers a :class:`FeatureSet`, the other ops a JSON value. ``structures``
+    travel as exact arrays. ``what`` names the request in errors (e.g. the model key).
+
+    Raises
+    ------
+    ModelUnavailable
+        When the environment does not exist.
+    WorkerTimeout
+        When the worker did not answer within ``timeout`` seconds (default
+        :func:`default_timeout`); the worker is killed.
+    ExtractionFailed, or the toolkit error raised in the environment
+        With the child's traceback attached.
+    """
+    if op not in OPS:
+        raise ValueError(f"unknown worker op {op!r}; ops: {', '.join(OPS)}")
+    what = what or payload.get("spec", {}).get("key", "")
+    python = environment_python(env)
     if not python.exists():
         raise ModelUnavailable(
-            f"model {spec.key} runs in environment {spec.environment!r}, which does not exist at "
-            f"{python.parent.parent}; create it with `make setup` (or set UMLIP_LATENTS_ENVS)"
-        )
+            f"{what or op}: environment {env!r} does not exist at {python.parent.parent}; create it with "
+            "`make setup` (or set UMLIP_LATENTS_ENVS)")
+    n_atoms = sum(len(a) for a in structures) if structures else 0
+    timeout = default_timeout(op, n_atoms) if timeout is None else float(timeout)
     with tempfile.TemporaryDirectory(prefix="umlip-worker-") as tmp:
         tmp = Path(tmp)
-        pack_structures(structures, tmp / "structures.npz")
-        (tmp / "request.json").write_text(json.dumps({
-            "spec": spec.to_dict(), "layer": layer, "device": device,
-            "batch_size": batch_size, "on_unsupported": on_unsupported, "workers": workers,
-        }))
-        env = dict(os.environ, UMLIP_LATENTS_ENV=spec.environment, UMLIP_LATENTS_ROOT=str(paths.project_root()))
-        if keep_workers():
-            server = _server(spec.environment, python, env)
-            answer = server.ask(tmp)
-            if answer != "done":  # died, or answered out of protocol: this worker is not reused
-                server.proc.kill()
-            returncode, stderr = (0, "") if answer == "done" else (server.proc.wait(), server.stderr())
-        else:
-            proc = subprocess.run([str(python), "-m", "umlip_latents.extract.worker", str(tmp)],
-                                  capture_output=True, text=True, env=env)
-            returncode, stderr = proc.returncode, proc.stderr
-        error_file = tmp / "error.json"
-        if error_file.exists():
-            err = json.loads(error_file.read_text())
-            cls = ERROR_CLASSES.get(err["type"], ExtractionFailed)
-            raise cls(f"{err['message']} [in environment {spec.environment}]")
-        if returncode != 0 or not (tmp / "result.npz").exists():
-            raise ExtractionFailed(
-                f"model {spec.key}: worker in environment {spec.environment!r} exited with {returncode}:\n"
-                f"{stderr.strip()[-3000:]}"
-            )
-        return load_featureset(tmp)
+        if structures is not None:
+            pack_structures(structures, tmp / "structures.npz")
+        (tmp / "request.json").write_text(json.dumps({"op": op, "payload": payload}))
+        answer, returncode, stderr = _run(env, python, tmp, timeout)
+        if answer is None:
+            raise WorkerTimeout(
+                f"{what}: the {env!r} worker did not answer {op!r} within {timeout:.0f} s and was stopped; if the "
+                f"work is that slow, raise the limit with timeout=... or ${TIMEOUT_VAR} (seconds)")
+        if (tmp / "error.json").exists():
+            _raise_remote(json.loads((tmp / "error.json").read_text()), env)
+        if returncode != 0 or not (tmp / "answer.json").exists():
+            raise ExtractionFailed(f"{what}: worker in environment {env!r} exited with {returncode}:\n"
+                                   f"{stderr.strip()[-3000:]}")
+        answer = json.loads((tmp / "answer.json").read_text())
+        return FeatureSet.load(tmp) if answer == {"featureset": True} else answer
+
+
+def run_in_environment(spec: ModelSpec, structures: list, layer: str, device: str, batch_size: int | None,
+                       on_unsupported: str, workers: int | str = 1, timeout: float | None = None) -> FeatureSet:
+    """Extract in ``spec.environment`` through its worker (``call(env, "extract", ...)``)."""
+    payload = {"spec": spec.to_dict(), "layer": layer, "device": device, "batch_size": batch_size,
+               "on_unsupported": on_unsupported, "workers": workers}
+    return call(spec.environment, "extract", payload, structures=structures, timeout=timeout)
+
+
+# -- the worker side ----------------------------------------------------------------------------
+def _op_extract(payload: dict, folder: Path):
+    from . import extract_features
+
+    structures = unpack_structures(folder / "structures.npz")
+    # in this environment extract_features runs the adapter here, reusing loaded models
+    fs = extract_features(ModelSpec(**payload["spec"]), structures, layer=payload["layer"], device=payload["device"],
+                          batch_size=payload["batch_size"], on_unsupported=payload["on_unsupported"],
+                          workers=payload.get("workers", 1))
+    fs.save(folder)
+    return {"featureset": True}
+
+
+def _op_availability(payload: dict, folder: Path):
+    from ..families import adapter_class
+
+    spec = ModelSpec(**payload["spec"])
+    ok, why = adapter_class(spec.family).availability(spec)
+    return {"available": bool(ok), "why": why}
+
+
+def _loaded(payload: dict):
+    from . import loaded_adapter
+
+    return loaded_adapter(ModelSpec(**payload["spec"]), payload.get("device", "cpu"))
+
+
+def _op_versions(payload: dict, folder: Path):
+    return _loaded(payload).versions()
+
+
+def _op_supported_elements(payload: dict, folder: Path):
+    return sorted(int(z) for z in _loaded(payload).supported_elements)
+
+
+#: what a worker answers
+OPS = {"extract": _op_extract, "availability": _op_availability, "versions": _op_versions,
+       "supported_elements": _op_supported_elements}
 
 
 def handle(folder: str | os.PathLike) -> int:
-    """Answer one request folder: ``result.*`` on success, ``error.json`` on a known error.
+    """Answer one request folder: ``answer.json`` (and the result) on success, ``error.json`` on an error.
 
     Known errors (:data:`ERROR_CLASSES`) return 1; any other exception is written as
-    ``ExtractionFailed`` and raised.
+    ``ExtractionFailed`` (with its traceback) and raised.
     """
-    from . import extract_features
-
     folder = Path(folder)
     req = json.loads((folder / "request.json").read_text())
     try:
-        structures = unpack_structures(folder / "structures.npz")
-        # in this environment extract_features runs the adapter here, reusing loaded models
-        fs = extract_features(ModelSpec(**req["spec"]), structures, layer=req["layer"], device=req["device"],
-                              batch_size=req["batch_size"], on_unsupported=req["on_unsupported"],
-                              workers=req.get("workers", 1))
-        save_featureset(fs, folder)
+        answer = OPS[req["op"]](req["payload"], folder)
+        (folder / "answer.json").write_text(json.dumps(answer))
     except Exception as exc:
         name = type(exc).__name__
         (folder / "error.json").write_text(json.dumps({
             "type": name if name in ERROR_CLASSES else "ExtractionFailed",
             "message": str(exc) if name in ERROR_CLASSES else f"{name}: {exc}",
+            "traceback": traceback.format_exc(),
         }))
         if name not in ERROR_CLASSES:
             raise

@@ -37,6 +37,7 @@ import yaml
 from .. import paths
 from ..datasets import structures_hash
 from ..errors import DatasetError, UnsupportedElement
+from ..families import source_digest
 from ..registry import ModelSpec, get_spec, validate
 
 PROTOCOLS = ("ff", "hf", "newhead", "bespoke")
@@ -155,15 +156,26 @@ def check_training_data(structures: list, supported: set[int] | None = None, mod
 
 
 def run_key(settings: dict) -> str:
-    """Short hash naming a run folder (every input that can change the run)."""
-    payload = json.dumps({"format": RUN_FORMAT, **settings}, sort_keys=True, default=str)
+    """Short hash naming a run folder (every input that can change the run).
+
+    Besides ``settings`` it covers the code that trains: this module, the backend's module
+    (``settings["backend"]``, else ``"mace"``) and :mod:`umlip_latents.training`.
+    """
+    backend = settings.get("backend", "mace")
+    code = source_digest((__name__, f"{__name__}.{backend}", "umlip_latents.training"))
+    payload = json.dumps({"format": RUN_FORMAT, **settings, "code": code}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
 def derived_spec(base: ModelSpec, key: str, checkpoint: Path, protocol: str, data_sha256: str, epoch: int,
                  run: str, n_train: int, label: str, options: dict | None = None) -> ModelSpec:
-    """A registry entry for a checkpoint made by a run (validated like any entry)."""
-    if protocol in ("bespoke", "pretrain"):
+    """A registry entry for a checkpoint made by a run (validated like any entry).
+
+    It cites the base model's papers; fine-tuned weights keep the base weights' licence, weights
+    trained from scratch take none of theirs.
+    """
+    scratch = protocol in ("bespoke", "pretrain")
+    if scratch:
         training = f"{n_train} structures of {label} only (trained from scratch, architecture of {base.key})"
     else:
         training = f"{base.training_data}; then {LABELS[protocol]} on {n_train} structures of {label}"
@@ -175,7 +187,9 @@ def derived_spec(base: ModelSpec, key: str, checkpoint: Path, protocol: str, dat
         "training_data": training,
         "functional": base.functional,
         "layers": dict(base.layers),
-        "parent": None if protocol in ("bespoke", "pretrain") else base.key,
+        "citation": base.citation or f"none: trained here (run {run}, architecture of {base.key})",
+        "licence": f"no upstream weights: trained here from scratch (run {run})" if scratch else base.licence,
+        "parent": None if scratch else base.key,
         "description": f"{LABELS[protocol]} of {base.key}, epoch {epoch} (run {run})",
         "options": dict(options if options is not None else base.options),
         "derived": {"protocol": protocol, "base": base.key, "data_sha256": data_sha256, "epoch": int(epoch),
@@ -233,7 +247,7 @@ def finetune(backend: str, base_model: str | ModelSpec, train: list, valid: list
     settings = {"backend": backend, "base": base.to_dict(), "protocol": protocol, "epochs": epochs, "lr": lr,
                 "seed": seed, "device": device.split(":")[0], "batch_size": batch_size,
                 "train": structures_hash(train), "valid": structures_hash(valid),
-                "labels": _labels_hash(list(train) + list(valid)), "options": _options_identity(options),
+                "labels": training_labels_hash(list(train) + list(valid)), "options": _options_identity(options),
                 "versions": module.versions()}
     run = f"{backend}-{protocol}-{run_key(settings)}"
     folder = Path(workdir) if workdir else paths.finetune_dir() / run
@@ -280,12 +294,13 @@ def _options_identity(options: dict) -> dict:
         if k == "timeout":
             continue
         if isinstance(v, (list, tuple)) and v and all(isinstance(a, Atoms) for a in v):
-            v = {"structures": structures_hash(v), "labels": _labels_hash(v)}
+            v = {"structures": structures_hash(v), "labels": training_labels_hash(v)}
         out[k] = v
     return out
 
 
-def _labels_hash(structures: list) -> str:
+def training_labels_hash(structures: list) -> str:
+    """sha256 over the DFT energies (and forces) a training set is fitted to."""
     digest = hashlib.sha256()
     for atoms in structures:
         digest.update(np.float64(atoms.info["energy"]).tobytes())

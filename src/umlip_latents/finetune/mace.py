@@ -71,15 +71,16 @@ _NAME = "run"  # --name of every run: the model is <workdir>/run.model
 
 
 def _torch():
-    from ..extract.mace import _import_mace
+    from ..extract.mace import import_mace
 
-    return _import_mace()
+    return import_mace()
 
 
-def _base_file(base: ModelSpec) -> Path | None:
-    from ..extract.mace import _find_file
+def _base_file(base: ModelSpec) -> tuple[Path | None, str]:
+    """The base checkpoint on this machine (never downloaded) and why it is or is not."""
+    from ..families import adapter_class
 
-    return _find_file(base)[0]
+    return adapter_class("mace").find_checkpoint(base)
 
 
 def check_base(base: ModelSpec) -> None:
@@ -89,18 +90,17 @@ def check_base(base: ModelSpec) -> None:
     ``$UMLIP_LATENTS_CHECKPOINTS`` (or the ``local`` source path) and in mace's download
     cache. Nothing is downloaded.
     """
-    if _base_file(base) is not None:
+    path, why = _base_file(base)
+    if path is not None:
         return
-    from ..extract.mace import _how_to_fix
-
     src = base.source
     if src["kind"] == "loader":
         raise ModelUnavailable(
             f"cannot fine-tune {base.key}: its checkpoint {src['filename']} is neither in "
             f"{paths.checkpoints_dir()} ($UMLIP_LATENTS_CHECKPOINTS) nor in mace's download cache, and "
             f"fine-tuning does not download it (mace_run_train needs the file; offline it cannot be "
-            f"fetched). To fix: {_how_to_fix(base)}")
-    raise ModelUnavailable(f"cannot fine-tune {base.key}: checkpoint not found; {_how_to_fix(base)}")
+            f"fetched). To fix: {why}")
+    raise ModelUnavailable(f"cannot fine-tune {base.key}: {why}")
 
 
 def _load(path: str | Path):
@@ -110,7 +110,7 @@ def _load(path: str | Path):
 
 def _base_model(base: ModelSpec):
     check_base(base)
-    return _load(_base_file(base))
+    return _load(_base_file(base)[0])
 
 
 def supported_elements(base: ModelSpec, protocol: str) -> set[int] | None:
@@ -166,7 +166,7 @@ def architecture(model) -> dict:
             "extra": [str(a) for a in extra]}
 
 
-def _default_replay(base_elements: set[int], n: int, seed: int) -> list:
+def default_replay(base_elements: set[int], n: int, seed: int) -> list:
     from ..datasets import load_dataset
 
     frames = [a for a in load_dataset("mptrj-random-1k") if len(a) <= 16 and set(a.numbers) <= base_elements]
@@ -289,7 +289,7 @@ def train(base: ModelSpec, train: list, valid: list, protocol: str, *, epochs: i
     if unknown:
         raise ValueError(f"unknown MACE fine-tuning options {sorted(unknown)}")
     workdir = Path(workdir).resolve()
-    base_path = _base_file(base)
+    base_path = _base_file(base)[0]
     model = _base_model(base)
     valid_file = write_training_file(valid, workdir / "valid.xyz")
     extra = ["--valid_file", valid_file, "--lr", lr, "--device", device.split(":")[0],
@@ -315,7 +315,7 @@ def train(base: ModelSpec, train: list, valid: list, protocol: str, *, epochs: i
             elements = {int(z) for z in model.atomic_numbers}
             replay = options.get("replay")
             if replay is None:
-                replay = _default_replay(elements, int(options.get("n_replay", 20)), seed)
+                replay = default_replay(elements, int(options.get("n_replay", 20)), seed)
             check_training_data(list(replay), elements, base.key)
             replay_file = write_training_file(replay, workdir / "replay.xyz")
             extra += ["--multiheads_finetuning", "True", "--pt_train_file", replay_file,
@@ -371,13 +371,13 @@ def pretrain_base(structures: list, *, seed: int = 0, epochs: int = 20, workdir:
     """
     from ..datasets import structures_hash
     from ..training import train_mace
-    from . import _labels_hash, check_training_data, derived_spec, run_key
+    from . import training_labels_hash, check_training_data, derived_spec, run_key
 
     check_training_data(list(structures))
     hyper = {"num_channels": 16, "max_L": 1, "r_max": 4.5, "num_interactions": 2, "correlation": 2,
              "batch_size": 4, **hyper}
     data_sha = structures_hash(list(structures))
-    settings = {"kind": "mace-pretrain", "data": data_sha, "labels": _labels_hash(list(structures)), "seed": seed,
+    settings = {"kind": "mace-pretrain", "data": data_sha, "labels": training_labels_hash(list(structures)), "seed": seed,
                 "epochs": epochs, "hyper": hyper, "label": label, "functional": functional, "versions": versions()}
     name = f"mace-pretrain-{run_key(settings)}"
     folder = Path(workdir) if workdir else paths.finetune_dir() / name

@@ -20,7 +20,7 @@ from ._engine import (
     RANDOM_STATE,
     METRICS,
 )
-from .pair import _rbf_features, linear_cka
+from .pair import rbf_features, linear_cka
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,7 +142,7 @@ def _matrix_values(arrays, metrics, train_idx, test_idx, opts, dev) -> dict:
         for metric in glob:
             for s, (lo, hi) in enumerate(blocks):
                 if metric == "nonlinear_gfre":  # landmarks drawn from the rows in the split's order
-                    F = _rbf_features(train_np[inverse, lo:hi], test_np[:, lo:hi], None, opts["n_components"],
+                    F = rbf_features(train_np[inverse, lo:hi], test_np[:, lo:hi], None, opts["n_components"],
                                       opts["seed"])
                     Xtr, Xte = _tensor(F[0][order], dev), _tensor(F[1], dev)
                 else:

@@ -159,7 +159,7 @@ def linear_cka(X, Y) -> float:
     return float(np.linalg.norm(Y.T @ X) ** 2 / denom)
 
 
-def _rbf_features(X_train, X_test, gamma, n_components: int, seed: int):
+def rbf_features(X_train, X_test, gamma, n_components: int, seed: int):
     """Scaled RBF Nystroem features of train and test rows (float64)."""
     from sklearn.kernel_approximation import Nystroem
 
@@ -199,7 +199,7 @@ def nonlinear_gfre(X, Y, train_idx=None, test_idx=None, *, gamma=None, n_compone
         raise ValueError(f"First dimension of X ({len(X)}) and Y ({len(Y)}) must match")
     train_idx, test_idx = _resolve_split(len(X), train_idx, test_idx)
     dev = _device(device)
-    Ftr, Fte = _rbf_features(*_scale_split(X, train_idx, test_idx, "X"), gamma, n_components, seed)
+    Ftr, Fte = rbf_features(*_scale_split(X, train_idx, test_idx, "X"), gamma, n_components, seed)
     Ytr, Yte = (_tensor(a, dev) for a in _scale_split(Y, train_idx, test_idx, "Y"))
     err = _global_errors(_tensor(Ftr, dev), _tensor(Fte, dev), _Folds(Ytr, [Ytr.shape[1]], random_state), Yte,
                          alphas=alphas, alpha_type=alpha_type)
