@@ -18,7 +18,6 @@ from umlip_latents.families import environment_python
 from umlip_latents.registry import load_registry
 
 
-
 def _env(extra=None):
     return dict(os.environ, UMLIP_LATENTS_ENV="mattersim", **(extra or {}))
 
@@ -42,3 +41,18 @@ def test_registered_checkpoints_offline_say_how_to_fix(monkeypatch, tmp_path, cr
     messages = json.loads(proc.stdout.strip().splitlines()[-1])
     for spec in specs:
         assert spec.source["filename"] in messages[spec.key] and "checkpoints folder" in messages[spec.key], spec.key
+
+
+def test_a_checkpoint_in_mattersims_own_cache_is_available(monkeypatch, tmp_path):
+    """The main process asks the adapter in its environment, so mattersim's cache counts (it did not once)."""
+    from umlip_latents.extract import availability
+
+    monkeypatch.setenv("UMLIP_LATENTS_CHECKPOINTS", str(tmp_path / "empty"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    spec = next(s for s in load_registry(derived=False).values() if s.family == "mattersim")
+    assert not availability(spec)[0]
+    cache = tmp_path / ".local" / "mattersim" / "pretrained_models"
+    cache.mkdir(parents=True)
+    (cache / spec.source["filename"]).write_bytes(b"placeholder")
+    ok, why = availability(spec)
+    assert ok and "mattersim cache" in why and spec.source["filename"] in why, why

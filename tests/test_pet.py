@@ -18,7 +18,6 @@ from umlip_latents.families import environment_python
 from umlip_latents.registry import load_registry
 
 
-
 def _pet_env(extra=None):
     return dict(os.environ, UMLIP_LATENTS_ENV="pet", **(extra or {}))
 
