@@ -22,8 +22,8 @@ class Toy(Adapter):
     default_batch_atoms = 4
 
     @classmethod
-    def load(cls, spec, device):
-        return cls(spec, device)
+    def open(cls, spec, device, path):
+        return cls(spec, device, path)
 
     @property
     def supported_elements(self):

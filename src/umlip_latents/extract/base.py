@@ -22,6 +22,7 @@ from .. import paths
 from ..datasets import sha256_file as file_sha256
 from ..datasets import validate_structure
 from ..errors import ModelUnavailable, UnsupportedElement
+from ..families import get_family
 from ..features import Block, FeatureSet, Readout
 from ..registry import ModelSpec, local_checkpoint
 
@@ -62,6 +63,8 @@ class Adapter(abc.ABC):
     def __init__(self, spec: ModelSpec, device: str, path=None):
         self.spec = spec
         self.device = device
+        if self.family is None:  # a class used without umlip_latents.families.adapter_class
+            self.family = get_family(spec.family)
         #: the checkpoint file (or folder) the weights came from, when there is one
         self.path = path
         self._sha256 = None
