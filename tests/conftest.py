@@ -108,6 +108,23 @@ def trained_mace() -> ModelSpec:
     )
 
 
+def feature_cache(resolve, crystals):
+    """``get(name, layer, batch_size=None) -> (FeatureSet, maps)`` of :func:`transformed_variants` of
+    ``crystals``, for the model ``resolve(name)``, extracted once per (name, layer, batch size)."""
+    from umlip_latents.extract import extract_features
+
+    cache = {}
+
+    def get(name, layer, batch_size=None):
+        if (name, layer, batch_size) not in cache:
+            structures, maps = transformed_variants(crystals)
+            fs = extract_features(resolve(name), structures, layer=layer, device="cpu", batch_size=batch_size)
+            cache[name, layer, batch_size] = (fs, maps)
+        return cache[name, layer, batch_size]
+
+    return get
+
+
 def transformed_variants(crystals):
     """Base structures followed by transformed copies, with the map back to base atoms.
 

@@ -12,32 +12,24 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import offline_panel, transformed_variants
+from conftest import feature_cache, offline_panel
 
 from umlip_latents.errors import UnsupportedElement
 from umlip_latents.extract import extract_features
+from umlip_latents.families import get_family
 from umlip_latents.registry import get_spec
 
 MODELS = offline_panel() + ["test-mace"]
 TOL = 1e-5
-#: float32 tolerances (relative, Frobenius) where TOL is too tight for a model.
-#: DIEP backbone: three M3GNet blocks in float32 reach ~1.1e-5 on rotated copies (the same
-#: weights in float64 agree to 1e-14; see extract/diep.py).
-#: SevenNet: on this dev machine batched, single and rotated copies agree to 8e-8 (1-8 threads
-#: bit for bit), but a CI machine with the same package versions gave 1.2e-4 (rotated) and
-#: 3.2e-5 (batched vs single) for sevennet-l3i5 "last". The cause is not found; SevenNet
-#: features carry a large per-species constant, so a relative error of 1e-4 is about what a
-#: ~0.05 A move of one atom makes. Every tolerance is checked against a 0.3 A move of one atom
-#: (the "nudged" control in test_invariances), which must exceed it NUDGE_MARGIN times.
-FLOAT32_TOL = {("diep", "backbone"): 3e-5, ("sevenn", "last"): 2e-4, ("sevenn", "backbone"): 2e-4}
 #: a nudged copy (one atom moved 0.3 A) must differ by at least this multiple of the tolerance
 NUDGE_MARGIN = 3.0
 
 
 def tolerance(key: str, layer: str) -> float:
-    """The float32 tolerance of (model, layer): by family, DIEP's backbone by key."""
+    """The float32 invariance tolerance of a model: its family's (``models/families.yml``, where the
+    SevenNet and DIEP values are explained)."""
     family = "mace" if key == "test-mace" else get_spec(key).family
-    return FLOAT32_TOL.get((key, layer), FLOAT32_TOL.get((family, layer), TOL))
+    return get_family(family).tolerance
 
 
 def rel_err(got, ref):
@@ -51,16 +43,7 @@ def _spec(key, request):
 
 @pytest.fixture(scope="module")
 def features(request, crystals):
-    cache = {}
-
-    def get(key, layer, batch_size=None):
-        if (key, layer, batch_size) not in cache:
-            structures, maps = transformed_variants(crystals)
-            fs = extract_features(_spec(key, request), structures, layer=layer, device="cpu", batch_size=batch_size)
-            cache[key, layer, batch_size] = (fs, maps)
-        return cache[key, layer, batch_size]
-
-    return get
+    return feature_cache(lambda key: _spec(key, request), crystals)
 
 
 def _rows(fs, k):

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import yaml
-from conftest import transformed_variants
+from conftest import feature_cache
 
 import test_family_contract as contract
 from umlip_latents import families, paths
@@ -103,21 +103,14 @@ def toy_family(tmp_path, monkeypatch):
 
 def test_a_new_family_runs_end_to_end_from_its_four_places(toy_family, crystals):
     """Registry, adapter, availability, the whole family contract and the store, with nothing else edited."""
-    from umlip_latents.extract import extract_features, models_table
+    from umlip_latents.extract import models_table
     from umlip_latents.registry import get_spec
     from umlip_latents.store import get_features
 
     spec = get_spec("toy-1")
     assert spec.environment == "main" and families.get_family("toy").tolerance == 1e-5
     assert {r["key"]: r["available"] for r in models_table()} == {"toy-1": True}
-    cache = {}
-
-    def features(family, layer, batch_size=None):
-        if (layer, batch_size) not in cache:
-            structures, maps = transformed_variants(crystals)
-            cache[layer, batch_size] = (extract_features(spec, structures, layer=layer, batch_size=batch_size), maps)
-        return cache[layer, batch_size]
-
+    features = feature_cache(lambda family: spec, crystals)
     contract.test_energy_reread_from_last_layer(features, "toy")
     for layer in ("last", "backbone"):
         contract.test_declared_invariances(features, "toy", layer)

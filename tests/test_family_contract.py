@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from ase import Atoms
 from conftest import test_cache_dir as cache_dir  # aliased: pytest would collect test_*
-from conftest import transformed_variants
+from conftest import feature_cache
 
 from umlip_latents import testing
 from umlip_latents.errors import ModelUnavailable, UnsupportedElement
@@ -59,16 +59,7 @@ def models(request):
 
 @pytest.fixture(scope="module")
 def features(models, crystals):
-    cache = {}
-
-    def get(family, layer, batch_size=None):
-        if (family, layer, batch_size) not in cache:
-            structures, maps = transformed_variants(crystals)
-            cache[family, layer, batch_size] = (extract_features(models(family), structures, layer=layer,
-                                                                 device="cpu", batch_size=batch_size), maps)
-        return cache[family, layer, batch_size]
-
-    return get
+    return feature_cache(models, crystals)
 
 
 def _rel(got, ref):
