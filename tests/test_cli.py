@@ -91,6 +91,7 @@ def test_checksum_mismatch_is_one_line(capsys, tmp_path, monkeypatch):
     assert len(err) == 1 and "sha256" in err[0] and "mpf-alkali-tp" in err[0]
 
 
+@pytest.mark.envs
 def test_models_in_other_environments_report_missing_checkpoints(tmp_path, monkeypatch):
     from umlip_latents.extract import models_table
 

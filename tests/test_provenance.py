@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from umlip_latents.provenance import provenance
 
 
+@pytest.mark.envs
 def test_provenance_records_other_environments():
     out = provenance({"seed": 0}, models=["chgnet-0.3.0", "sevennet-0", "built-in-the-notebook"])
     assert re.fullmatch(r"[0-9a-f]{12}(-dirty)?|unknown", out["git_commit"])
