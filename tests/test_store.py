@@ -348,3 +348,16 @@ def test_two_processes_extracting_one_entry_do_the_work_once(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
     assert outs[0][0] == outs[1][0]
     assert log.read_text().count("call") == 3  # three shards, extracted once
+
+
+def test_a_stricter_distance_check_is_applied_to_a_stored_entry(tmp_path, structures):
+    from umlip_latents.errors import StructureError
+
+    close = structures[0].copy()
+    close.positions[1] = close.positions[0] + [0.2, 0, 0]
+    ex = Fake()
+    get_features("t", MODEL, structures=[close], store=tmp_path, extract=ex, device="cpu", min_distance=0.1)
+    get_features("t", MODEL, structures=[close], store=tmp_path, extract=ex, device="cpu", min_distance=0.15)
+    assert ex.calls == 1  # served: it was made under a stricter check
+    with pytest.raises(StructureError, match="0.200 Å apart"):
+        get_features("t", MODEL, structures=[close], store=tmp_path, extract=ex, device="cpu")

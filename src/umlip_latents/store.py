@@ -321,6 +321,11 @@ def _serve(folder: Path, key: str, on_unsupported: str) -> tuple[FeatureSet | No
     return stored, ""
 
 
+def _checked_as_strictly(stored: float | None, wanted: float | None) -> bool:
+    """Whether structures validated with ``min_distance=stored`` pass a check with ``wanted``."""
+    return wanted is None or (stored is not None and stored >= wanted)
+
+
 def _tidy(folder: Path, layer: str, staging: Path | None = None) -> None:
     """Remove what killed or failed writers of this entry left (under its lock): half-written shards
     and entries, replaced entries, and ``staging`` when it holds no finished shard."""
@@ -391,16 +396,16 @@ def get_features(dataset: str, model: str | ModelSpec, layer: str = "last", *, s
     structures = with_ids(structures, label)
     if not structures:
         raise StructureError(f"dataset {label}: no structures to featurise")
-    for atoms in structures:
-        validate_structure(atoms, str(atoms.info["structure_id"]), min_distance=min_distance)
     folder = entry_dir(label, spec.key, layer, store)
     sha = structures_hash(structures)
     key = cache_key(spec, layer, sha, device, labels_hash(structures))
     damage = ""
     if not recompute:
         stored, damage = _serve(folder, key, on_unsupported)
-        if stored is not None:
+        if stored is not None and _checked_as_strictly(stored.meta.get("min_distance"), min_distance):
             return stored
+    for atoms in structures:  # ~3 ms a structure: only when the entry was not made under these checks
+        validate_structure(atoms, str(atoms.info["structure_id"]), min_distance=min_distance)
     what = f"{label}/{spec.key}/{layer}"
     try:
         lock = acquire(folder.with_name(f".{layer}.lock"), what)
