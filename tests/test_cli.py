@@ -119,3 +119,66 @@ def test_fine_tuned_models_stay_out_of_the_panel_unless_asked(tmp_path, monkeypa
     assert "run-x-e1" not in {r["key"] for r in models_table()}
     assert "run-x-e1" in {r["key"] for r in models_table(derived=True)}
     assert get_spec("run-x-e1") == spec
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--limit", "0"], "expected a positive integer, not '0'"),
+    (["--limit", "-1"], "expected a positive integer, not '-1'"),
+    (["--seed", "-1"], "expected a non-negative integer, not '-1'"),
+    (["--batch-size", "0"], "expected a positive integer"),
+    (["--device", "gpu"], "device 'gpu' is not a device name"),
+    (["--device", "cuda:7"], "device 'cuda:7': this machine has"),
+])
+def test_bad_limits_seeds_and_devices_give_one_error_line(capsys, tmp_path, monkeypatch, args, message):
+    monkeypatch.setenv("UMLIP_LATENTS_STORE", str(tmp_path))
+    assert main(["extract", "--dataset", "mpf-alkali-tp", "--model", "chgnet-0.3.0", "--quiet", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("text, message", [
+    ("2\nProperties=species:S:1:pos:R:3\nNa 0 0 0\nCl 0 0 0\n", "atoms 0 and 1 (Na, Cl) are 0.000 Å apart"),
+    ("2\nProperties=species:S:1:pos:R:3\nNa 0 0 0\nCl 0.1 0 0\n", "0.100 Å apart"),
+    ('2\nProperties=species:S:1:pos:R:3 pbc="T F F"\nNa 0 0 0\nCl 2.5 0 0\n', "periodic along a"),
+])
+def test_broken_geometry_gives_one_error_line(capsys, tmp_path, monkeypatch, text, message):
+    monkeypatch.setenv("UMLIP_LATENTS_STORE", str(tmp_path / "store"))
+    (tmp_path / "geo.xyz").write_text(text)
+    assert main(["extract", "--dataset", str(tmp_path / "geo.xyz"), "--model", "chgnet-0.3.0", "--quiet",
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+    assert not (tmp_path / "store").exists()
+
+
+def test_a_store_that_cannot_be_written_gives_one_error_line(capsys, tmp_path, monkeypatch):
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setenv("UMLIP_LATENTS_STORE", str(tmp_path / "a-file" / "store"))
+    assert main(["extract", "--dataset", "mpf-alkali-tp", "--model", "chgnet-0.3.0", "--limit", "2", "--quiet",
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot write the feature store" in err[0] and "UMLIP_LATENTS_STORE" in err[0], err
+
+
+def test_a_truncated_checkpoint_of_a_derived_model_gives_one_error_line(capsys, tmp_path, monkeypatch):
+    import yaml
+
+    from umlip_latents.families import adapter_class
+    from umlip_latents.finetune import derived_spec
+    from umlip_latents.registry import get_spec, local_checkpoint
+
+    monkeypatch.setenv("UMLIP_LATENTS_FINETUNE", str(tmp_path / "ft"))
+    monkeypatch.setenv("UMLIP_LATENTS_STORE", str(tmp_path / "store"))
+    base = get_spec("chgnet-0.3.0")
+    whole = adapter_class("chgnet").bundled_checkpoint(base) or local_checkpoint(base)
+    ckpt = tmp_path / "ft" / "run-t" / "epoch-001.pth.tar"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(whole.read_bytes()[:100000])
+    spec = derived_spec(base, "run-t-e1", ckpt, "ff", "0" * 64, 1, "run-t", 10, "test data")
+    (ckpt.parent / "models.yml").write_text(yaml.safe_dump([spec.to_dict()]))
+    assert main(["extract", "--dataset", "mpf-alkali-tp", "--model", "run-t-e1", "--limit", "2", "--quiet",
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot load" in err[0] and str(ckpt) in err[0], err
+    assert [p.name for p in (tmp_path / "store").rglob("*") if ".staging" in p.name] == []

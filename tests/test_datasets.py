@@ -133,3 +133,64 @@ def test_schema_rejects_a_bad_dataset_entry(tmp_path, monkeypatch, change, line)
         datasets.registry()
     assert str(err.value).startswith(f"datasets.yml: {line}")
     assert "\n" not in str(err.value)
+
+
+def _pair(distance, cell=None, pbc=False, where=(0.0, 0.0, 0.0), n=2):
+    from ase import Atoms
+
+    atoms = Atoms("H2", positions=[where, np.add(where, [distance, 0, 0])], cell=cell, pbc=pbc)[:n]
+    atoms.info["structure_id"] = f"pair-{distance}"
+    return atoms
+
+
+@pytest.mark.parametrize("atoms, words", [
+    (_pair(0.0), ["pair-0.0", "atoms 0 and 1", "0.000 Å"]),
+    (_pair(0.1), ["pair-0.1", "atoms 0 and 1", "0.100 Å"]),
+    # 4.9 Å apart in the cell, 0.1 Å through its face: minimum-image distances
+    (_pair(4.9, cell=[5, 5, 5], pbc=True, where=(0.05, 1, 1)), ["atoms 0 and 1", "0.100 Å"]),
+    (_pair(2.0, cell=[0.3, 5, 5], pbc=True, n=1), ["atom 0 is 0.300 Å from its own periodic image"]),
+])
+def test_atoms_closer_than_any_bond_are_rejected(atoms, words):
+    with pytest.raises(StructureError) as err:
+        datasets.validate_structure(atoms)
+    assert all(w in str(err.value) for w in words), str(err.value)
+
+
+def test_the_distance_limit_keeps_real_bonds_and_is_a_parameter():
+    datasets.validate_structure(_pair(0.74))  # H2, the shortest bond there is
+    assert datasets.MIN_DISTANCE <= 0.74 * 0.7
+    datasets.validate_structure(_pair(0.1), min_distance=0.05)
+    datasets.validate_structure(_pair(0.0), min_distance=None)
+    with pytest.raises(StructureError, match="min_distance=1.0"):
+        datasets.validate_structure(_pair(0.74), min_distance=1.0)
+
+
+def test_periodic_direction_without_a_cell_is_rejected():
+    from ase import Atoms
+
+    atoms = Atoms("NaCl", positions=[[0, 0, 0], [2.5, 0, 0]], pbc=(True, False, False))
+    with pytest.raises(StructureError, match="periodic along a"):
+        datasets.validate_structure(atoms, "chain")
+    atoms.cell = [5, 0, 0]
+    datasets.validate_structure(atoms, "chain")  # a cell vector along the periodic direction is enough
+
+
+@pytest.mark.parametrize("kwargs, problem", [
+    (dict(limit=0), "limit must be a positive"), (dict(limit=-1), "limit must be a positive"),
+    (dict(limit=2, seed=-1), "seed must be a non-negative"),
+])
+def test_bad_limit_or_seed(kwargs, problem):
+    with pytest.raises(datasets.DatasetError, match=problem):
+        datasets.load_dataset("mpf-alkali-tp", **kwargs)
+
+
+def test_ids_are_unique_and_assigned_deterministically():
+    from ase import Atoms
+
+    plain = [Atoms("H", positions=[[0, 0, 0]]) for _ in range(3)]
+    named = datasets.with_ids(plain, "mine")
+    assert [a.info["structure_id"] for a in named] == ["mine-00000", "mine-00001", "mine-00002"]
+    assert all("structure_id" not in a.info for a in plain)  # the caller's atoms are left alone
+    named[2].info["structure_id"] = "mine-00000"
+    with pytest.raises(StructureError, match="'mine-00000' is given twice .structures 0 and 2"):
+        datasets.structure_ids(named)

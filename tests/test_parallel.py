@@ -46,13 +46,24 @@ class Toy(Adapter):
         return Readout(np.zeros((119, 2)), np.zeros(119))
 
 
+def copies(structures, n):
+    """``n`` copies of ``structures``, each copy's ids made unique (ids must be unique within a call)."""
+    out = []
+    for k in range(n):
+        for atoms in structures:
+            atoms = atoms.copy()
+            atoms.info["structure_id"] = f"{atoms.info['structure_id']}-copy{k}"
+            out.append(atoms)
+    return out
+
+
 @pytest.fixture
 def toy():
     return Toy(get_spec("chgnet-0.3.0"), "cpu")
 
 
 def test_workers_keep_the_order_and_run_in_other_processes(toy, crystals):
-    structures = crystals * 4
+    structures = copies(crystals, 4)
     serial = run_adapter(toy, structures)
     parallel = run_adapter(toy, structures, workers=3)
     np.testing.assert_array_equal(parallel.values[:, 0], serial.values[:, 0])
@@ -67,12 +78,12 @@ def test_an_error_in_a_worker_comes_back_with_its_class_and_message(toy, crystal
     bad = crystals[0].copy()
     bad.info["structure_id"] = "bad-7"
     with pytest.raises(StructureError, match="bad-7: toy failure"):
-        run_adapter(toy, crystals * 3 + [bad], workers=2)
+        run_adapter(toy, copies(crystals, 3) + [bad], workers=2)
 
 
 def test_an_interrupt_drops_the_batches_not_started(toy, crystals, tmp_path):
     toy.log = tmp_path / "batches.txt"
-    structures = crystals * 16  # 80 structures in 50 batches of at most 4 atoms
+    structures = copies(crystals, 16)  # 80 structures in 50 batches of at most 4 atoms
 
     def interrupt(*_):
         raise KeyboardInterrupt
@@ -99,7 +110,7 @@ def test_workers_argument():
 @pytest.mark.parametrize("key", ["chgnet-0.3.0", "diep", "sevennet-0"])
 def test_real_models_give_the_serial_features(key, crystals):
     """Each family in its own environment (SevenNet forks inside its worker process)."""
-    structures = crystals * 2
+    structures = copies(crystals, 2)
     serial = extract_features(key, structures, device="cpu", batch_size=20)
     parallel = extract_features(key, structures, device="cpu", batch_size=20, workers=2)
     assert parallel.meta["workers"] == 2

@@ -1,7 +1,8 @@
 """Command line: ``umlip-latents datasets|models|extract``.
 
-Every expected failure (unknown model, missing checkpoint, malformed file, unsupported
-element, checksum mismatch) prints one ``error:`` line and exits with status 2.
+Every expected failure (unknown model, missing or truncated checkpoint, malformed file or
+geometry, unsupported element, checksum mismatch, a bad limit, seed or device, a store that
+cannot be written) prints one ``error:`` line and exits with status 2.
 """
 
 from __future__ import annotations
@@ -49,10 +50,12 @@ def _extract(args) -> int:
     from tqdm import tqdm
 
     from .datasets import load_dataset
+    from .extract.base import resolve_device
     from .registry import get_spec
     from .store import get_features
 
-    get_spec(args.model)  # fail before any work on an unknown model
+    get_spec(args.model)  # fail before any work on an unknown model or device
+    resolve_device(args.device)
     structures = load_dataset(args.dataset, limit=args.limit, seed=args.seed)
     total = sum(len(a) for a in structures)
     bar = tqdm(total=len(structures), unit="struct", desc=f"{args.model}/{args.layer}", disable=args.quiet or not sys.stderr.isatty())
@@ -82,6 +85,18 @@ def _notebook(args) -> int:
         run_notebook(nb, out, args.params)
         print(f"{nb} -> {out}")
     return 0
+
+
+def _positive(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, not {text!r}")
+    return int(text)
+
+
+def _non_negative(text: str) -> int:
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, not {text!r}")
+    return int(text)
 
 
 def _workers(text: str) -> int | str:
@@ -118,10 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dataset", required=True)
     e.add_argument("--model", required=True)
     e.add_argument("--layer", default="last", choices=["last", "backbone"])
-    e.add_argument("--limit", type=int)
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--device", default="auto")
-    e.add_argument("--batch-size", type=int,
+    e.add_argument("--limit", type=_positive, help="structures drawn at random (default: all)")
+    e.add_argument("--seed", type=_non_negative, default=0, help="seed of the draw")
+    e.add_argument("--device", default="auto", help="auto (a GPU when visible), cpu, cuda or cuda:N")
+    e.add_argument("--batch-size", type=_positive,
                    help="atoms per forward pass (default: the family's, small on a CPU, large on a GPU)")
     e.add_argument("--workers", type=_workers, default=1,
                    help="CPU processes of one thread each, or 'auto' (one per core); features do not depend on it")
@@ -145,8 +160,9 @@ def main(argv=None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     try:
         return args.func(args)
-    except UmlipLatentsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (UmlipLatentsError, OSError) as exc:  # OSError: a full disk, a folder that cannot be written
+        text = " ".join(str(exc).split())
+        print(f"error: {text if len(text) <= 2000 else text[:2000] + ' ...'}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted; finished shards are kept and the next run resumes", file=sys.stderr)

@@ -14,7 +14,7 @@ class UnsupportedElement(UmlipLatentsError):
 
 
 class StructureError(UmlipLatentsError):
-    """A structure is malformed: empty, NaN positions, unreadable file."""
+    """A structure is malformed: empty, NaN positions, atoms on top of each other, a duplicate id, unreadable file."""
 
 
 class DatasetError(UmlipLatentsError):
@@ -33,6 +33,26 @@ class ExtractionFailed(UmlipLatentsError):
     """An extraction run in another environment failed; carries the child's message."""
 
 
+class NonFiniteFeatures(ExtractionFailed):
+    """A model returned NaN or infinite features or energies; they are never stored."""
+
+
+class DeviceError(UmlipLatentsError):
+    """The requested device is not a device name, or is not present on this machine."""
+
+
+class StoreError(UmlipLatentsError):
+    """The feature store cannot be written (read-only, not a folder) or an entry cannot be served."""
+
+
+class EntryDamaged(StoreError):
+    """A stored entry fails its integrity check (missing, truncated or altered file)."""
+
+
+class StoreWarning(UserWarning):
+    """A damaged store entry or shard was found and is being recomputed."""
+
+
 # Names the child worker may send back; the parent re-raises the same class.
 ERROR_CLASSES = {
     cls.__name__: cls
@@ -40,6 +60,10 @@ ERROR_CLASSES = {
         UmlipLatentsError,
         ModelUnavailable,
         ExtractionFailed,
+        NonFiniteFeatures,
+        DeviceError,
+        StoreError,
+        EntryDamaged,
         UnsupportedElement,
         StructureError,
         DatasetError,

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .errors import NonFiniteFeatures
+
 
 @dataclass(frozen=True)
 class Block:
@@ -157,6 +159,25 @@ class FeatureSet:
         return cls(values=d["values"], structure_index=d["structure_index"], species=d["species"],
                    blocks=[Block(**b) for b in info["blocks"]], meta=info["meta"],
                    structure_ids=info["structure_ids"], energy=d["energy"], readout=readout)
+
+    def nonfinite_structures(self) -> list:
+        """Ids of the structures holding a NaN or infinite feature, or a non-finite energy."""
+        bad = np.zeros(self.n_structures, dtype=bool)
+        rows = ~np.isfinite(np.asarray(self.values)).all(axis=1)
+        bad[self.structure_index[rows]] = True
+        if self.energy is not None and len(self.energy) == self.n_structures:
+            bad |= ~np.isfinite(self.energy)
+        return [self.structure_ids[i] for i in np.flatnonzero(bad)]
+
+    def require_finite(self, what: str) -> "FeatureSet":
+        """``self``, or :class:`~umlip_latents.errors.NonFiniteFeatures` naming ``what`` and the structures."""
+        bad = self.nonfinite_structures()
+        if bad:
+            raise NonFiniteFeatures(
+                f"{what} gave NaN or infinite features or energies for {len(bad)} structure(s) "
+                f"({', '.join(map(str, bad[:5]))}{' ...' if len(bad) > 5 else ''}); they are not stored. Check "
+                "their geometry (atoms far closer than any bond, a broken cell) or the model's checkpoint")
+        return self
 
     def reread_energy(self) -> np.ndarray:
         """Structure energies recomputed from the features with the model's readout weights."""

@@ -15,6 +15,20 @@ module and the modules every adapter shares, :func:`umlip_latents.families.code_
 change recomputes. Writes are atomic. Extraction runs in shards of ``shard_size`` structures
 written to a staging folder; a run killed mid-way resumes from the finished shards and ends
 byte-identical to an uninterrupted run.
+
+What an entry holds is checked at every step, so the store never serves a wrong number:
+
+- before any work, every structure is validated (no atoms closer than ``min_distance``, a full
+  cell along periodic directions ...) and the ids are unique (absent ones are assigned);
+- a NaN or infinite feature or energy is an error, never stored;
+- each shard records its structure range, the structures' hash and ids: a resume (even with
+  another ``shard_size`` or ``on_unsupported``) uses only shards holding exactly its own chunks;
+- ``meta.json`` records the size and sha256 of every file (:mod:`umlip_latents.store_integrity`):
+  a damaged entry is recomputed with a :class:`~umlip_latents.errors.StoreWarning`, or raises
+  :class:`~umlip_latents.errors.EntryDamaged` naming it where it cannot be (:func:`read_entry`,
+  a read-only store);
+- an entry is written under an exclusive lock (``.<layer>.lock`` beside it): a second process
+  waits, then reads the finished entry; what a failed or killed writer left is removed.
 """
 
 from __future__ import annotations
@@ -24,18 +38,22 @@ import json
 import os
 import shutil
 import time
+import warnings
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
 from . import paths
-from .datasets import load_dataset, structures_hash
+from .datasets import MIN_DISTANCE, load_dataset, structure_ids, structures_hash, validate_structure, with_ids
+from .errors import EntryDamaged, ExtractionFailed, StoreError, StoreWarning, StructureError, UmlipLatentsError, UnsupportedElement
 from .families import code_digest, environment_python, get_family
 from .features import Block, FeatureSet, Readout
 from .registry import ModelSpec, get_spec, local_checkpoint
+from .store_integrity import acquire, file_records, release, verify_files
 
-FORMAT_VERSION = 1
+#: 2: per-file checksums in meta.json, shards named by their structure range (format-1 entries recompute)
+FORMAT_VERSION = 2
 
 
 def _package_version(name: str) -> str | None:
@@ -109,18 +127,67 @@ def entry_dir(dataset: str, model: str, layer: str, store: str | os.PathLike | N
     return root / dataset / model / layer
 
 
-def _atomic_save(path: Path, save) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save(tmp)
-    os.replace(tmp, path)
+def _shard_name(lo: int, hi: int) -> str:
+    return f"shard-{lo:06d}-{hi:06d}"
 
 
-def _write_shard(path: Path, fs: FeatureSet) -> None:
+def _shard_record(chunk: list, lo: int) -> dict:
+    """What a shard of ``chunk`` (structures ``lo`` .. ``lo + len(chunk)`` of the call) must hold."""
+    return {"start": lo, "stop": lo + len(chunk), "structures_sha256": structures_hash(chunk),
+            "ids": [str(a.info["structure_id"]) for a in chunk]}
+
+
+def _write_shard(path: Path, fs: FeatureSet, record: dict) -> None:
     tmpdir = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmpdir, ignore_errors=True)
     tmpdir.mkdir()
     fs.save(tmpdir)
+    record = dict(record, files=file_records(tmpdir, ["result.npz", "result.json"]))
+    (tmpdir / "shard.json").write_text(json.dumps(record))
+    shutil.rmtree(path, ignore_errors=True)  # a damaged or foreign shard of the same range
     os.replace(tmpdir, path)
+
+
+def _check_holds(fs: FeatureSet, structures: list, what: str) -> None:
+    """Raise :class:`ExtractionFailed` unless ``fs`` holds exactly ``structures`` less the ones it skipped, in order."""
+    skipped = {str(s) for s in fs.meta.get("skipped", [])}
+    kept = [a for a in structures if str(a.info["structure_id"]) not in skipped]
+    if [str(s) for s in fs.structure_ids] != [str(a.info["structure_id"]) for a in kept] or \
+            len(skipped) + len(kept) != len(structures):
+        raise ExtractionFailed(f"{what} holds structures {fs.structure_ids[:3]}..., not the {len(kept)} given")
+    counts = np.bincount(fs.structure_index, minlength=fs.n_structures) if fs.n_atoms else np.zeros(0, np.int64)
+    if counts.tolist() != [len(a) for a in kept] or \
+            (kept and not np.array_equal(fs.species, np.concatenate([a.numbers for a in kept]))):
+        raise ExtractionFailed(f"{what}: its atoms are not those of the structures given")
+    if fs.energy is None or len(fs.energy) != fs.n_structures:
+        raise ExtractionFailed(f"{what}: one energy per structure is missing")
+
+
+def _load_shard(path: Path, record: dict, chunk: list, on_unsupported: str) -> FeatureSet | None:
+    """The finished shard at ``path`` when it holds exactly ``chunk`` as this call asks, else ``None``.
+
+    A shard of another chunking (a resume with another ``shard_size``) or of other structures is
+    never used; one that skipped structures is not used by a caller asking for an error; a
+    damaged one is recomputed with a :class:`StoreWarning`.
+    """
+    if not path.exists():
+        return None
+    try:
+        stored = json.loads((path / "shard.json").read_text())
+        if {k: stored.get(k) for k in record} != record:
+            return None
+        verify_files(path, stored["files"], f"shard {path}")
+        fs = FeatureSet.load(path)
+        _check_holds(fs, chunk, f"shard {path}")
+        fs.require_finite(f"shard {path}")
+    except (OSError, ValueError, KeyError, UmlipLatentsError) as exc:
+        warnings.warn(f"{exc}; recomputing it" if isinstance(exc, EntryDamaged) else
+                      f"shard {path} is unusable ({type(exc).__name__}: {exc}); recomputing it", StoreWarning,
+                      stacklevel=3)
+        return None
+    if on_unsupported == "raise" and fs.meta.get("skipped"):
+        return None  # recomputed, so the caller gets the error it asked for
+    return fs
 
 
 def _concat(parts: list[FeatureSet]) -> FeatureSet:
@@ -140,13 +207,17 @@ def _concat(parts: list[FeatureSet]) -> FeatureSet:
 
 
 def write_entry(folder: Path, fs: FeatureSet, structures: list, meta: dict) -> None:
-    """Write a complete entry into ``folder`` (which must not exist yet)."""
+    """Write a complete entry into ``folder`` (which must not exist yet).
+
+    ``meta.json``, written last, records the size and sha256 of every other file
+    (:func:`~umlip_latents.store_integrity.file_records`) for :func:`read_entry` to check.
+    """
     import pandas as pd
 
     folder.mkdir(parents=True)
     np.save(folder / "values.npy", np.ascontiguousarray(fs.values, dtype=np.float32))
-    by_id = {a.info.get("structure_id"): a for a in structures}
-    kept = [by_id[s] for s in fs.structure_ids]
+    by_id = dict(zip(map(str, structure_ids(structures)), structures))
+    kept = [by_id[str(s)] for s in fs.structure_ids]
     n_atoms = np.array([len(a) for a in kept], dtype=np.int64)
     atom_index = np.concatenate([np.arange(n) for n in n_atoms]) if len(kept) else np.zeros(0, np.int64)
     pd.DataFrame({
@@ -163,36 +234,69 @@ def write_entry(folder: Path, fs: FeatureSet, structures: list, meta: dict) -> N
         "model_energy": fs.energy,
         "dft_energy": [float(a.info.get("energy", np.nan)) for a in kept],
     }).to_parquet(folder / "structures.parquet", index=False)
+    names = ["values.npy", "index.parquet", "structures.parquet"]
     if fs.readout is not None:
         np.savez(folder / "readout.npz", weight=fs.readout.weight, bias=fs.readout.bias)
-    meta = dict(meta, blocks=[b.to_dict() for b in fs.blocks], extraction=fs.meta,
-                n_atoms=int(fs.n_atoms), dim=int(fs.dim), n_structures=fs.n_structures)
+        names.append("readout.npz")
+    meta = dict(meta, blocks=[b.to_dict() for b in fs.blocks], extraction=fs.meta, n_atoms=int(fs.n_atoms),
+                dim=int(fs.dim), n_structures=fs.n_structures, files=file_records(folder, names))
     (folder / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
 
 
+def _read_meta(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise EntryDamaged(f"store entry {folder}: meta.json cannot be read ({type(exc).__name__}: {exc})") from None
+
+
 def read_entry(folder: str | os.PathLike, mmap: bool = True) -> FeatureSet:
-    """Load a stored entry; ``values`` is memory-mapped unless ``mmap=False``."""
+    """Load a stored entry, checked against the sizes and sha256 its ``meta.json`` records.
+
+    ``values`` is memory-mapped unless ``mmap=False``. Sizes and the ``values.npy`` header are
+    checked on every read, the sha256 of each file once per process.
+
+    Raises
+    ------
+    EntryDamaged
+        Naming the entry and what is wrong (a file missing, truncated or changed); recompute it
+        with :func:`get_features`, which does so by itself.
+    """
     import pandas as pd
 
     folder = Path(folder)
-    meta = json.loads((folder / "meta.json").read_text())
-    index = pd.read_parquet(folder / "index.parquet")
-    table = pd.read_parquet(folder / "structures.parquet")
-    readout = None
-    if (folder / "readout.npz").exists():
-        r = np.load(folder / "readout.npz")
-        readout = Readout(r["weight"], r["bias"])
-    return FeatureSet(
-        values=np.load(folder / "values.npy", mmap_mode="r" if mmap else None),
-        structure_index=index["structure_index"].to_numpy(np.int64),
-        species=index["Z"].to_numpy(np.int64),
-        blocks=[Block(**b) for b in meta["blocks"]],
-        meta=meta,
-        structure_ids=table["structure_id"].tolist(),
-        energy=table["model_energy"].to_numpy(np.float64),
-        readout=readout,
-        subsets=table["subset"].tolist(),
-    )
+    what = f"store entry {folder}"
+    meta = _read_meta(folder)
+    if not meta.get("files"):
+        raise EntryDamaged(f"{what}: meta.json records no file checksums (incomplete, or written before "
+                           f"format {FORMAT_VERSION})")
+    verify_files(folder, meta["files"], what)
+    try:
+        values = np.load(folder / "values.npy", mmap_mode="r" if mmap else None)
+        index = pd.read_parquet(folder / "index.parquet")
+        table = pd.read_parquet(folder / "structures.parquet")
+        readout = None
+        if "readout.npz" in meta["files"]:
+            r = np.load(folder / "readout.npz")
+            readout = Readout(r["weight"], r["bias"])
+        fs = FeatureSet(
+            values=values,
+            structure_index=index["structure_index"].to_numpy(np.int64),
+            species=index["Z"].to_numpy(np.int64),
+            blocks=[Block(**b) for b in meta["blocks"]],
+            meta=meta,
+            structure_ids=table["structure_id"].tolist(),
+            energy=table["model_energy"].to_numpy(np.float64),
+            readout=readout,
+            subsets=table["subset"].tolist(),
+        )
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise EntryDamaged(f"{what}: cannot be read ({type(exc).__name__}: {exc})") from exc
+    if values.dtype != np.float32 or values.shape != (meta["n_atoms"], meta["dim"]) or \
+            fs.n_structures != meta["n_structures"]:
+        raise EntryDamaged(f"{what}: holds {values.shape} {values.dtype} values for {fs.n_structures} structures; "
+                           f"meta.json says ({meta['n_atoms']}, {meta['dim']}) float32 for {meta['n_structures']}")
+    return fs
 
 
 def dataset_label(dataset: str, limit: int | None, seed: int) -> str:
@@ -201,29 +305,80 @@ def dataset_label(dataset: str, limit: int | None, seed: int) -> str:
     return name if limit is None else f"{name}-n{limit}-s{seed}"
 
 
+def _serve(folder: Path, key: str, on_unsupported: str) -> tuple[FeatureSet | None, str]:
+    """The stored entry when its key matches and it may serve this caller; else ``(None, why it is damaged or "")``."""
+    if not folder.exists():
+        return None, ""
+    try:
+        if _read_meta(folder).get("cache_key") != key:
+            return None, ""
+        stored = read_entry(folder)
+    except EntryDamaged as exc:
+        return None, str(exc)
+    # an entry that skipped structures would hide the error a "raise" caller wants
+    if on_unsupported == "raise" and stored.meta.get("extraction", {}).get("skipped"):
+        return None, ""
+    return stored, ""
+
+
+def _checked_as_strictly(stored: float | None, wanted: float | None) -> bool:
+    """Whether structures validated with ``min_distance=stored`` pass a check with ``wanted``."""
+    return wanted is None or (stored is not None and stored >= wanted)
+
+
+def _tidy(folder: Path, layer: str, staging: Path | None = None) -> None:
+    """Remove what killed or failed writers of this entry left (under its lock): half-written shards
+    and entries, replaced entries, and ``staging`` when it holds no finished shard."""
+    for stale in folder.parent.glob(f".{layer}.final-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in folder.parent.glob(f".{layer}.old-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for part in folder.parent.glob(f".{layer}.staging-*/*.tmp"):
+        shutil.rmtree(part, ignore_errors=True)
+    if staging is not None and staging.exists() and not any(staging.glob("shard-*")):
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def get_features(dataset: str, model: str | ModelSpec, layer: str = "last", *, structures: list | None = None,
                  limit: int | None = None, seed: int = 0, device: str = "auto", batch_size: int | None = None,
                  on_unsupported: str = "raise", store: str | os.PathLike | None = None, shard_size: int = 250,
-                 recompute: bool = False, progress=None, extract=None, workers: int | str = 1) -> FeatureSet:
+                 recompute: bool = False, progress=None, extract=None, workers: int | str = 1,
+                 min_distance: float | None = MIN_DISTANCE) -> FeatureSet:
     """Features of ``model`` on ``dataset`` from the store, extracting only what is missing.
 
     Parameters
     ----------
     dataset
         Registered dataset/collection name or extxyz path; with ``structures`` given, only a label.
-    model, layer, device, batch_size, on_unsupported, workers
+    model, layer, device, batch_size, on_unsupported, workers, min_distance
         As in :func:`umlip_latents.extract.extract_features`. ``workers`` is not part of the
         cache key: the features do not depend on it.
+    structures
+        The structures (default: ``load_dataset(dataset, limit, seed)``). Ids must be unique; a
+        structure without ``info["structure_id"]`` is named ``<label>-<position>`` (on a copy).
     limit, seed
         Selection passed to :func:`~umlip_latents.datasets.load_dataset`.
     shard_size
-        Structures per resumable shard.
+        Structures per resumable shard. A resume uses only the finished shards that hold
+        exactly the structures of its own chunking; the rest is recomputed.
     recompute
         Ignore a stored entry with a matching key.
     progress
         Callable ``progress(n_structures, n_atoms)`` after each shard.
     extract
         Extraction function (default :func:`~umlip_latents.extract.extract_features`).
+
+    Raises
+    ------
+    StructureError
+        Before any work, for a malformed structure or an id given twice.
+    NonFiniteFeatures
+        When the model returns NaN or infinite values (nothing is stored).
+    EntryDamaged
+        When the stored entry is damaged and cannot be recomputed (a read-only store); a
+        damaged entry in a writable store is recomputed with a :class:`StoreWarning`.
+    StoreError
+        When the store cannot be written.
     """
     from .extract import extract_features
     from .extract.base import resolve_device
@@ -231,46 +386,84 @@ def get_features(dataset: str, model: str | ModelSpec, layer: str = "last", *, s
     extract = extract or extract_features
     spec = get_spec(model)
     device = resolve_device(device)
+    if on_unsupported not in ("raise", "skip"):
+        raise ValueError(f"on_unsupported must be 'raise' or 'skip', not {on_unsupported!r}")
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise ValueError(f"shard_size must be a positive integer, not {shard_size!r}")
     if structures is None:
         structures = load_dataset(dataset, limit=limit, seed=seed)
     label = dataset_label(dataset, limit, seed)
+    structures = with_ids(structures, label)
+    if not structures:
+        raise StructureError(f"dataset {label}: no structures to featurise")
     folder = entry_dir(label, spec.key, layer, store)
     sha = structures_hash(structures)
     key = cache_key(spec, layer, sha, device, labels_hash(structures))
-    if folder.exists() and not recompute:
+    damage = ""
+    if not recompute:
+        stored, damage = _serve(folder, key, on_unsupported)
+        if stored is not None and _checked_as_strictly(stored.meta.get("min_distance"), min_distance):
+            return stored
+    for atoms in structures:  # ~3 ms a structure: only when the entry was not made under these checks
+        validate_structure(atoms, str(atoms.info["structure_id"]), min_distance=min_distance)
+    what = f"{label}/{spec.key}/{layer}"
+    try:
+        lock = acquire(folder.with_name(f".{layer}.lock"), what)
+    except StoreError as exc:
+        if damage:
+            raise EntryDamaged(f"{damage}; it cannot be recomputed: {exc}") from None
+        raise
+    try:
+        if not recompute:  # another writer may have finished it while this one waited
+            stored, damage = _serve(folder, key, on_unsupported)
+            if stored is not None:
+                return stored
+            if damage:
+                warnings.warn(f"{damage}; recomputing it", StoreWarning, stacklevel=2)
+        staging = folder.with_name(f".{layer}.staging-{key[:16]}")
+        _tidy(folder, layer)
         try:
-            if json.loads((folder / "meta.json").read_text()).get("cache_key") == key:
-                stored = read_entry(folder)
-                # an entry that skipped structures would hide the error a "raise" caller wants
-                if on_unsupported != "raise" or not stored.meta.get("extraction", {}).get("skipped"):
-                    return stored
-        except (OSError, json.JSONDecodeError):
-            pass  # an unreadable entry is recomputed below
-    staging = folder.with_name(f".{layer}.staging-{key[:16]}")
+            return _extract_entry(folder, staging, spec, layer, structures, extract, progress, shard_size,
+                                  dict(device=device, batch_size=batch_size, on_unsupported=on_unsupported,
+                                       workers=workers, min_distance=min_distance),
+                                  {"cache_key": key, "dataset": str(dataset), "dataset_label": label,
+                                   "structures_sha256": sha, "limit": limit, "seed": seed, "shard_size": shard_size})
+        finally:
+            _tidy(folder, layer, staging)
+    finally:
+        release(lock)
+
+
+def _extract_entry(folder: Path, staging: Path, spec: ModelSpec, layer: str, structures: list, extract, progress,
+                   shard_size: int, options: dict, meta: dict) -> FeatureSet:
+    """Extract shard by shard into ``staging`` (reusing finished shards), then write the entry (under its lock)."""
     staging.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     parts = []
-    for k, lo in enumerate(range(0, max(len(structures), 1), shard_size)):
-        shard = staging / f"shard-{k:05d}"
+    for lo in range(0, len(structures), shard_size):
         chunk = structures[lo:lo + shard_size]
-        if not shard.exists():
-            _write_shard(shard, extract(spec, chunk, layer=layer, device=device, batch_size=batch_size,
-                                        on_unsupported=on_unsupported, workers=workers))
-        parts.append(FeatureSet.load(shard))
+        record = _shard_record(chunk, lo)
+        shard = staging / _shard_name(lo, lo + len(chunk))
+        fs = _load_shard(shard, record, chunk, options["on_unsupported"])
+        if fs is None:
+            fs = extract(spec, chunk, layer=layer, **options)
+            fs.require_finite(f"model {spec.key} ({layer})")
+            _check_holds(fs, chunk, f"the extraction of structures {lo}..{lo + len(chunk)}")
+            _write_shard(shard, fs, record)
+        parts.append(fs)
         if progress is not None:
             progress(len(chunk), sum(len(a) for a in chunk))
     fs = _concat(parts)
-    meta = {
-        "cache_key": key, "model": spec.key, "spec": spec.to_dict(), "layer": layer, "dataset": str(dataset),
-        "dataset_label": label, "structures_sha256": sha, "limit": limit, "seed": seed, "device": device,
-        "batch_size": batch_size, "workers": workers, "on_unsupported": on_unsupported, "shard_size": shard_size,
-        "versions": {"umlip-latents": _package_version("umlip-latents"), **family_versions(spec),
-                     "torch": _package_version("torch"), "numpy": np.__version__},
-        "checkpoint_sha256": fs.meta.get("checkpoint_sha256"),
-        "wall_seconds": time.perf_counter() - t0,
-    }
-    final = staging.with_name(f".{layer}.final-{key[:16]}")
-    shutil.rmtree(final, ignore_errors=True)
+    _check_holds(fs, structures, f"entry {folder}")
+    if not fs.n_structures:
+        raise UnsupportedElement(f"model {spec.key} supports none of the {len(structures)} structures "
+                                 f"of {meta['dataset_label']}; nothing is stored")
+    meta = dict(meta, model=spec.key, spec=spec.to_dict(), layer=layer, **options,
+                versions={"umlip-latents": _package_version("umlip-latents"), **family_versions(spec),
+                          "torch": _package_version("torch"), "numpy": np.__version__},
+                checkpoint_sha256=fs.meta.get("checkpoint_sha256"), wall_seconds=time.perf_counter() - t0)
+    key = meta["cache_key"]
+    final = folder.with_name(f".{layer}.final-{key[:16]}")
     write_entry(final, fs, structures, meta)
     old = folder.with_name(f".{layer}.old-{key[:16]}")
     if folder.exists():

@@ -13,6 +13,7 @@ import json
 import os
 from functools import lru_cache
 
+from ..datasets import MIN_DISTANCE
 from ..errors import ModelUnavailable
 from ..features import FeatureSet
 from ..registry import ModelSpec, get_spec, local_checkpoint
@@ -59,7 +60,8 @@ def loaded_adapter(spec: ModelSpec, device: str = "auto") -> Adapter:
 
 def extract_features(model_key: str | ModelSpec, structures: list, layer: str = "last", device: str = "auto",
                      batch_size: int | None = None, on_unsupported: str = "raise",
-                     workers: int | str = 1, timeout: float | None = None) -> FeatureSet:
+                     workers: int | str = 1, timeout: float | None = None,
+                     min_distance: float | None = MIN_DISTANCE) -> FeatureSet:
     """Per-atom features of ``model_key`` on ``structures``.
 
     Parameters
@@ -85,22 +87,34 @@ def extract_features(model_key: str | ModelSpec, structures: list, layer: str = 
         Seconds a family-environment worker may take before it is killed and the call fails
         (default: :func:`umlip_latents.extract.worker.default_timeout`, scaled to the atoms;
         ``$UMLIP_LATENTS_WORKER_TIMEOUT`` overrides it). Unused in the running environment.
+    min_distance
+        Closest approach (Å) of two atoms (minimum image) accepted before the model runs
+        (:data:`~umlip_latents.datasets.MIN_DISTANCE`); ``None`` checks no distances.
 
     Returns
     -------
     FeatureSet
         ``values`` of shape (n_atoms, D) in float32, with the model's energy prediction of
         the same pass and, for ``layer="last"``, its readout weights.
+
+    Raises
+    ------
+    StructureError
+        For a malformed structure (atoms closer than ``min_distance``, a broken cell ...) or an
+        id given twice, before any model runs.
+    NonFiniteFeatures
+        When the model returns a NaN or infinite feature or energy.
     """
     spec = get_spec(model_key)
     if spec.environment != current_environment():
         from .worker import run_in_environment
 
         return run_in_environment(spec, structures, layer=layer, device=device, batch_size=batch_size,
-                                  on_unsupported=on_unsupported, workers=workers, timeout=timeout)
+                                  on_unsupported=on_unsupported, workers=workers, timeout=timeout,
+                                  min_distance=min_distance)
     adapter = loaded_adapter(spec, device)
     return run_adapter(adapter, structures, layer=layer, batch_size=batch_size, on_unsupported=on_unsupported,
-                       workers=workers)
+                       workers=workers, min_distance=min_distance)
 
 
 def availability(model: str | ModelSpec) -> tuple[bool, str]:

@@ -20,20 +20,42 @@ import numpy as np
 
 from .. import paths
 from ..datasets import sha256_file as file_sha256
-from ..datasets import validate_structure
-from ..errors import ModelUnavailable, UnsupportedElement
+from ..datasets import MIN_DISTANCE, structure_ids, validate_structure
+from ..errors import DeviceError, ModelUnavailable, UnsupportedElement
 from ..families import get_family
 from ..features import Block, FeatureSet, Readout
 from ..registry import ModelSpec, local_checkpoint
 
 
 def resolve_device(device: str = "auto") -> str:
-    """``"auto"`` becomes ``"cuda"`` when a GPU is visible, else ``"cpu"``."""
-    if device != "auto":
+    """``"auto"`` becomes ``"cuda"`` when a GPU is visible, else ``"cpu"``; other names are checked.
+
+    Raises
+    ------
+    DeviceError
+        For a name torch does not know, or a ``cuda``/``cuda:N``/``mps`` device absent here.
+    """
+    if device == "cpu":
         return device
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"device {device!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (parsed.index or 0) >= count:
+            raise DeviceError(f"device {device!r}: this machine has {count} visible GPU(s) (torch "
+                              f"{torch.__version__}); use --device cpu, or auto to take a GPU when there is one")
+    elif parsed.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise DeviceError(f"device {device!r}: no MPS device here; use cpu or auto")
+    elif parsed.type != "cpu":
+        raise DeviceError(f"device {device!r}: only cpu, cuda[:N] and mps are supported")
+    return device
 
 
 class Adapter(abc.ABC):
@@ -334,8 +356,14 @@ def _parallel_forward(adapter: Adapter, structures: list, layer: str, bounds: li
 
 
 def run_adapter(adapter: Adapter, structures: list, layer: str = "last", batch_size: int | None = None,
-                on_unsupported: str = "raise", progress=None, workers: int | str = 1) -> FeatureSet:
+                on_unsupported: str = "raise", progress=None, workers: int | str = 1,
+                min_distance: float | None = MIN_DISTANCE) -> FeatureSet:
     """Featurise ``structures`` with a loaded adapter, in batches of about ``batch_size`` atoms.
+
+    Before the model runs, every structure is validated
+    (:func:`~umlip_latents.datasets.validate_structure` with ``min_distance``) and the ids are
+    checked unique; a NaN or infinite feature or energy raises
+    :class:`~umlip_latents.errors.NonFiniteFeatures` instead of being returned.
 
     ``workers`` > 1 (CPU only; ``"auto"``: one per core) runs the batches in that many forked
     processes of one thread each. On a CPU the work is compute-bound and small structures keep
@@ -344,11 +372,12 @@ def run_adapter(adapter: Adapter, structures: list, layer: str = "last", batch_s
     """
     if layer not in adapter.spec.layers:
         raise ValueError(f"model {adapter.spec.key} offers layers {sorted(adapter.spec.layers)}, not {layer!r}")
-    for i, atoms in enumerate(structures):
-        validate_structure(atoms, atoms.info.get("structure_id", f"#{i}"))
+    ids = structure_ids(structures)
+    for sid, atoms in zip(ids, structures):
+        validate_structure(atoms, str(sid), min_distance=min_distance)
     keep = check_elements(adapter, structures, on_unsupported)
-    skipped = [structures[i].info.get("structure_id", f"#{i}") for i in range(len(structures)) if i not in set(keep)]
-    structures = [structures[i] for i in keep]
+    skipped = [ids[i] for i in sorted(set(range(len(structures))) - set(keep))]
+    structures, ids = [structures[i] for i in keep], [ids[i] for i in keep]
     if batch_size is None:
         gpu = adapter.device.startswith("cuda")
         batch_size = adapter.default_batch_atoms_gpu if gpu else adapter.default_batch_atoms
@@ -390,10 +419,10 @@ def run_adapter(adapter: Adapter, structures: list, layer: str = "last", batch_s
         species=species,
         blocks=list(blocks or []),
         meta=meta,
-        structure_ids=[a.info.get("structure_id", f"#{i}") for i, a in enumerate(structures)],
+        structure_ids=ids,
         energy=np.concatenate(energies) if energies else np.zeros(0),
         readout=adapter.readout() if layer == "last" else None,
-    )
+    ).require_finite(f"model {adapter.spec.key} ({layer})")
 
 
 def affine_probe(fn, dim: int, dtype, device) -> tuple[np.ndarray, float]:

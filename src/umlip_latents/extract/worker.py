@@ -23,6 +23,10 @@ every time. It ends when the parent exits (its stdin closes), and is replaced wh
 timed out, raised an unexpected error, or when a variable of :func:`worker_environment_key`
 changed (those choose checkpoints, folders, devices and threads).
 ``UMLIP_LATENTS_KEEP_WORKERS=0`` runs one process per call instead.
+
+Request folders are named ``umlip-worker-<parent pid>-*`` in the temporary folder. Nothing is
+left when the parent is killed: a worker whose parent died mid-request removes the folder, and
+every call removes those of parents no longer alive.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import paths
+from ..datasets import MIN_DISTANCE
 from ..errors import ERROR_CLASSES, ExtractionFailed, ModelUnavailable
 from ..families import environment_python
 from ..features import FeatureSet
@@ -54,6 +59,30 @@ from ..registry import ModelSpec
 KEY_VARIABLES = ("UMLIP_LATENTS_", "HF_", "CUDA_", "TORCH_", "OMP_", "MKL_", "OPENBLAS_", "XDG_", "DP_",
                  "HOME", "PATH", "PYTHONPATH", "LD_LIBRARY_PATH", "DEVICE", "DIEP_MODEL_DIR")
 TIMEOUT_VAR = "UMLIP_LATENTS_WORKER_TIMEOUT"
+#: request folders are ``<tmp>/umlip-worker-<pid of the parent>-<random>``
+REQUEST_PREFIX = "umlip-worker-"
+
+
+def remove_orphaned_requests(root: str | os.PathLike | None = None) -> list[Path]:
+    """Remove the request folders (in ``root``, default the temporary folder) of parents no longer alive.
+
+    Returns the folders removed. Folders of live processes, or of other users, are left alone.
+    """
+    import shutil
+
+    removed = []
+    for path in Path(root or tempfile.gettempdir()).glob(f"{REQUEST_PREFIX}*-*"):
+        pid = path.name[len(REQUEST_PREFIX):].split("-")[0]
+        if not pid.isdigit() or not path.is_dir() or path.stat().st_uid != os.getuid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        except PermissionError:  # alive, another user's
+            pass
+    return removed
 
 
 class WorkerTimeout(ExtractionFailed):
@@ -269,7 +298,8 @@ def call(env: str, op: str, payload: dict, structures: list | None = None, timeo
             "`make setup` (or set UMLIP_LATENTS_ENVS)")
     n_atoms = sum(len(a) for a in structures) if structures else 0
     timeout = default_timeout(op, n_atoms) if timeout is None else float(timeout)
-    with tempfile.TemporaryDirectory(prefix="umlip-worker-") as tmp:
+    remove_orphaned_requests()
+    with tempfile.TemporaryDirectory(prefix=f"{REQUEST_PREFIX}{os.getpid()}-") as tmp:
         tmp = Path(tmp)
         if structures is not None:
             pack_structures(structures, tmp / "structures.npz")
@@ -289,11 +319,16 @@ def call(env: str, op: str, payload: dict, structures: list | None = None, timeo
 
 
 def run_in_environment(spec: ModelSpec, structures: list, layer: str, device: str, batch_size: int | None,
-                       on_unsupported: str, workers: int | str = 1, timeout: float | None = None) -> FeatureSet:
-    """Extract in ``spec.environment`` through its worker (``call(env, "extract", ...)``)."""
+                       on_unsupported: str, workers: int | str = 1, timeout: float | None = None,
+                       min_distance: float | None = MIN_DISTANCE) -> FeatureSet:
+    """Extract in ``spec.environment`` through its worker (``call(env, "extract", ...)``).
+
+    The answer is checked again here: a NaN or infinite value never leaves this function.
+    """
     payload = {"spec": spec.to_dict(), "layer": layer, "device": device, "batch_size": batch_size,
-               "on_unsupported": on_unsupported, "workers": workers}
-    return call(spec.environment, "extract", payload, structures=structures, timeout=timeout)
+               "on_unsupported": on_unsupported, "workers": workers, "min_distance": min_distance}
+    fs = call(spec.environment, "extract", payload, structures=structures, timeout=timeout)
+    return fs.require_finite(f"model {spec.key} ({layer}, environment {spec.environment})")
 
 
 # -- the worker side ----------------------------------------------------------------------------
@@ -304,7 +339,7 @@ def _op_extract(payload: dict, folder: Path):
     # in this environment extract_features runs the adapter here, reusing loaded models
     fs = extract_features(ModelSpec(**payload["spec"]), structures, layer=payload["layer"], device=payload["device"],
                           batch_size=payload["batch_size"], on_unsupported=payload["on_unsupported"],
-                          workers=payload.get("workers", 1))
+                          workers=payload.get("workers", 1), min_distance=payload.get("min_distance", MIN_DISTANCE))
     fs.save(folder)
     return {"featureset": True}
 
@@ -367,12 +402,23 @@ def serve() -> int:
     unexpected exception (after its ``error.json`` is written) ends the worker; the parent
     starts a new one on its next call.
     """
+    import shutil
+
     answers = os.fdopen(os.dup(sys.stdout.fileno()), "w")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    parent = os.getppid()
     for line in sys.stdin:
-        handle(line.strip())
-        answers.write("done\n")
-        answers.flush()
+        folder = Path(line.strip())
+        handle(folder)
+        try:
+            if os.getppid() != parent:  # the parent was killed mid-request: nobody reads or removes the answer
+                raise BrokenPipeError
+            answers.write("done\n")
+            answers.flush()
+        except BrokenPipeError:
+            if folder.name.startswith(REQUEST_PREFIX):
+                shutil.rmtree(folder, ignore_errors=True)
+            return 0
     return 0
 
 
