@@ -19,8 +19,11 @@ def test_every_registry_file_follows_the_schema():
     assert OFFLINE_PANEL | MACE <= set(reg)
     for key in OFFLINE_PANEL:
         assert reg[key].source["kind"] == "wheel", key
-    for key in MACE:
+    for key in MACE - {"mace-mp-0a-large"}:
         assert reg[key].source["kind"] == "loader" and reg[key].family == "mace", key
+    # mace_mp("large") fetches MACE_MPtrj_2022.9.model: the paper's large file is a local entry
+    assert reg["mace-mp-0a-large"].source == {"kind": "local", "package": "mace-torch",
+                                              "path": "2024-01-07-mace-128-L2_epoch-199.model"}
     for spec in reg.values():
         assert spec.parent is None or spec.parent in reg, spec.key
         assert spec.description, spec.key
@@ -145,3 +148,24 @@ def test_missing_mace_checkpoint_says_where_to_put_it(tmp_path, monkeypatch):
     spec = registry.get_spec("mace-mp-0b3-medium")
     ok, why = adapter_class("mace").availability(spec)
     assert not ok and spec.source["filename"] in why
+
+
+def test_the_papers_checkpoints_are_registered_with_the_files_they_need():
+    """Every checkpoint file the paper's scripts name (results.yml ``model_keys``) is a registered model's file."""
+    import re
+
+    results = registry.paths.project_root().parent / "shared" / "paper-reference" / "results.yml"
+    keys = yaml.safe_load(results.read_text())["model_keys"]
+    wanted = set(keys["mace_sizes_mp0a"].values())
+    wanted |= {f"MACE-OFF23_{s}" for s in ("small", "medium", "large")}
+    wanted |= {v for v in keys["mace_training_sets"].values()}
+    wanted |= {"pet-mad-s-v1.0.2", "uma-s-1p1", "DPA-3.1-3M", "pet-spice-l-v1.0.0"}
+    wanted |= {v for v in keys["pet_training_sets"].values() if re.fullmatch(r"pet-[a-z]+-l-v[0-9.]+", v)}
+    wanted |= {f"pet-omat-{s}-v1.0.0" for s in ("xs", "s", "m", "l")}
+    files = set()
+    for spec in registry.load_registry(derived=False).values():
+        for name in (spec.source.get("filename"), spec.source.get("path")):
+            if name:
+                files.add(name.rsplit(".", 1)[0] if name.endswith((".model", ".ckpt", ".pt")) else name)
+    missing = sorted(w for w in wanted if w not in files)
+    assert not missing, f"paper checkpoints without a registered file: {missing}"

@@ -32,20 +32,24 @@ DPA_TYPE_MAP = ["O", "H", "Si", "Na", "Cl", "Cu", "Mg", "Li"]
 
 
 def build_random_pet(path: str, atomic_types: list[int], seed: int = 0, reference_energies: dict | None = None,
-                     **hypers) -> str:
-    """A small randomly initialised PET (metatrain defaults overridden by ``hypers``), exported to ``path``.
+                     llpr: bool = False, **hypers) -> str:
+    """A small randomly initialised PET (metatrain defaults overridden by ``hypers``), saved to ``path``.
 
     ``reference_energies`` (eV per atom of each type) become the composition model's fixed
-    weights so the readout's per-element shift is exercised; the scaler keeps scale 1.
+    weights so the readout's per-element shift is exercised; the scaler keeps scale 1. With
+    ``llpr``, the PET is wrapped in metatrain's ``LLPRUncertaintyModel``, the layout PET-MAD
+    v1.0.2 and the uPET models are released in. A ``.ckpt`` path gets the metatrain checkpoint
+    (``get_checkpoint``, what upet downloads), any other the exported metatomic model.
     Runs in the ``pet`` environment.
     """
     import torch
+    from metatrain.llpr import LLPRUncertaintyModel
     from metatrain.pet import PET
-
-    from .extract.pet import TARGET
     from metatrain.utils.architectures import get_default_hypers
     from metatrain.utils.data import DatasetInfo
     from metatrain.utils.data.target_info import get_energy_target_info
+
+    from .extract.pet import TARGET
 
     torch.manual_seed(seed)
     model_hypers = get_default_hypers("pet")["model"]
@@ -56,8 +60,15 @@ def build_random_pet(path: str, atomic_types: list[int], seed: int = 0, referenc
     if reference_energies:
         model.additive_models[0].model.fit(fixed_weights={TARGET: {int(z): float(e) for z, e in reference_energies.items()}})
         model.additive_models[0].sync_tensor_maps()
+    if llpr:
+        wrapper = LLPRUncertaintyModel(get_default_hypers("llpr")["model"], info)
+        wrapper.set_wrapped_model(model)
+        model = wrapper
     model.eval()
-    model.export().save(str(path))
+    if str(path).endswith(".ckpt"):
+        torch.save(model.get_checkpoint(), str(path))
+    else:
+        model.export().save(str(path))
     return str(path)
 
 

@@ -110,7 +110,10 @@ class MaceAdapter(Adapter):
         if kind not in ("MACE", "ScaleShiftMACE"):
             raise ModelUnavailable(f"model {spec.key}: {kind} is not supported (only MACE and ScaleShiftMACE)")
         if hasattr(model, "embedding_readout"):
-            raise ModelUnavailable(f"model {spec.key}: models with an embedding readout are not supported")
+            raise ModelUnavailable(
+                f"model {spec.key}: its energy is read through a learned head embedding (embedding_readout, as in "
+                "MACE-MH-1), not a fixed linear map of per-atom features; extracting it needs that embedding folded "
+                "into a per-head readout, which this adapter does not do yet")
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)

@@ -34,7 +34,9 @@ energy term that is not linear in the features; :meth:`PetAdapter.readout` refus
 model rather than return a readout that does not reproduce its energy.
 
 Checkpoints: a local metatomic ``.pt`` (``mtt export`` / ``AtomisticModel.save``) or a
-metatrain ``.ckpt`` (what upet downloads), found by
+metatrain ``.ckpt`` (what upet downloads), bare or wrapped in metatrain's LLPR uncertainty model
+(as PET-MAD v1.0.2 and the uPET releases are: the wrapper's ``model`` is the PET, whose energy
+and last-layer features it passes through unchanged; :func:`unwrap`), found by
 :func:`umlip_latents.registry.local_checkpoint`; ``loader`` entries are otherwise fetched
 with upet's loader (``lab-cosmo/upet`` on Hugging Face), which needs internet.
 """
@@ -45,6 +47,7 @@ import copy
 
 import numpy as np
 
+from ..errors import ModelUnavailable
 from ..features import Block, Readout
 from ..registry import ModelSpec
 from .base import Adapter, species_readout
@@ -54,17 +57,38 @@ BACKBONE_OUTPUTS = ("features", "feature")  # metatomic's standard name, metatra
 TARGET = "energy"
 
 
+#: metatrain wrappers around a PET that pass energy and last-layer features through unchanged
+#: (PET-MAD v1.0.2 and the uPET releases ship as an LLPR uncertainty model around the PET)
+WRAPPERS = ("LLPRUncertaintyModel",)
+
+
+def _class_name(module) -> str:
+    """The Python class name of an eager module or of a TorchScript one (``original_name``)."""
+    return getattr(module, "original_name", None) or type(module).__name__
+
+
+def unwrap(module):
+    """The PET inside :data:`WRAPPERS` (their ``model`` submodule), or ``module`` itself."""
+    while _class_name(module) in WRAPPERS:
+        module = module.model
+    if _class_name(module) != "PET":
+        raise ModelUnavailable(f"the checkpoint holds a {_class_name(module)}, not a metatrain PET "
+                               f"(or a PET inside {', '.join(WRAPPERS)})")
+    return module
+
+
 def _load_module(path: str):
-    """The PET ``torch.nn.Module`` of a ``.pt`` (TorchScript) or ``.ckpt`` (eager) file."""
+    """The PET ``torch.nn.Module`` of a ``.pt`` (TorchScript) or ``.ckpt`` (eager) file, unwrapped,
+    and the neighbour lists it requests."""
     if path.endswith(".ckpt"):
         from metatrain.utils.io import load_model
 
-        model = load_model(path)
+        model = unwrap(load_model(path))
         return model, model.requested_neighbor_lists()
     from metatomic.torch import load_atomistic_model
 
     atomistic = load_atomistic_model(path)
-    return atomistic.module, atomistic.requested_neighbor_lists()
+    return unwrap(atomistic.module), atomistic.requested_neighbor_lists()
 
 
 class PetAdapter(Adapter):
@@ -103,6 +127,12 @@ class PetAdapter(Adapter):
     @classmethod
     def open(cls, spec: ModelSpec, device: str, path: str) -> "PetAdapter":
         module, nls = _load_module(path)
+        additive = [_class_name(m) for m in module.additive_models.children()]
+        if len(additive) != 1:  # the composition model, and e.g. ZBL
+            raise ModelUnavailable(
+                f"model {spec.key}: the PET adds {', '.join(additive)} to its energy; a ZBL pair repulsion "
+                "(hyper zbl: true) is not linear in the last-layer features, so no readout re-reads the "
+                "energy and this adapter refuses the model")
         return cls(spec, device, module, nls, path)
 
     @property
