@@ -10,7 +10,6 @@ the features, while translation, permutation and supercells leave them unchanged
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -24,9 +23,8 @@ from umlip_latents.errors import ModelUnavailable
 from umlip_latents.extract import extract_features
 from umlip_latents.families import environment_python
 from umlip_latents.registry import ModelSpec, load_registry
+from umlip_latents.testing import contract_model
 
-RECIPE = dict(seed=0, architecture="orb_v3_direct_architecture", latent_dim=16, base_mlp_hidden_dim=32,
-              base_mlp_depth=1, head_mlp_hidden_dim=16, head_mlp_depth=1, num_message_passing_steps=2)
 TOL = 1e-5
 
 
@@ -36,22 +34,8 @@ def _env(extra=None):
 
 @pytest.fixture(scope="module")
 def test_orb() -> ModelSpec:
-    """A small random ORB v3 saved in the orb environment, cached across sessions."""
-    key = hashlib.sha256(json.dumps(RECIPE, sort_keys=True).encode()).hexdigest()[:12]
-    path = cache_dir() / f"orb-{key}" / "test-orb.ckpt"
-    options = path.with_suffix(".json")
-    if not (path.exists() and options.exists()):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        script = ("import json, sys\nfrom umlip_latents.testing import build_random_orb\n"
-                  "print(json.dumps(build_random_orb(sys.argv[1], **json.loads(sys.argv[2]))))\n")
-        proc = subprocess.run([str(environment_python("orb")), "-c", script, str(path), json.dumps(RECIPE)],
-                              check=True, capture_output=True, text=True, env=_env())
-        options.write_text(proc.stdout.strip().splitlines()[-1])
-    return ModelSpec(key="test-orb", family="orb", environment="orb", source={"kind": "local", "path": str(path)},
-                     training_data="none (random weights, built in the test session)", functional="none",
-                     layers={"last": "energy head hidden layer (pooled) + repulsion", "backbone": "node features"},
-                     description="small random ORB v3 for tests; not a foundation model",
-                     options=json.loads(options.read_text()))
+    """The family contract's small random ORB v3 (``umlip_latents.testing.CONTRACT_MODELS``), built once."""
+    return contract_model("orb", cache_dir())
 
 
 @pytest.fixture(scope="module")
