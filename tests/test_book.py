@@ -10,7 +10,7 @@ import nbformat
 import pytest
 from markdown_it import MarkdownIt
 
-from umlip_latents import book, paths
+from umlip_latents import benchmark_report, book, paths
 from umlip_latents.datasets import registry as dataset_registry
 from umlip_latents.registry import load_registry
 
@@ -108,61 +108,148 @@ def test_benchmark_reports_of_every_shape_render_as_tables():
                    "gfre": {"ours_s": 1.0, "skmatter_s": 9.0, "speedup": 9.0, "dims": [64, 128], "pairs": 4},
                    "deep": {"a": {"b": {"c": 1}}}},
     }
-    md = book.benchmarks_markdown(reports)
-    for name in reports:
-        assert f"## {name}" in md
+    md = benchmark_report.benchmarks_markdown(reports)
+    for title in ("Records", "By key", "Nested"):  # names without a title: underscores as spaces
+        assert f"### {title}\n" in md
     rows = table_rows(md)
-    assert ["a", "2"] == rows[rows.index(["model", "speedup"]) + 1]
-    assert ["orders", "fast_s", "slow_s"] in rows and ["`4`", "0.2", "3"] in rows
-    assert ["dims", "64, 128"] in rows and ["input", "kind=synthetic, seed=0"] in rows
+    assert ["`a`", "2"] == rows[rows.index(["Model", "Speed-up (×)"]) + 1]
+    assert ["Cumulant order", "Fast (s)", "Slow (s)"] in rows and ["4", "0.2", "3"] in rows
+    assert ["Features per model", "64, 128"] in rows and ["Input features", "kind synthetic, seed 0"] in rows
     assert '"c": 1' in md                     # too deep for a table: a JSON block
-    assert "make benchmark" in book.benchmarks_markdown({})
+    assert "Speed-up over the baseline: 2–3.5 (2 measurements)." in md
+    assert "make benchmark" in benchmark_report.benchmarks_markdown({})
 
 
 def test_reference_benchmarks_shown_apart_from_this_machines():
-    ours = {"pooling": {"run": {"cpu": "here"}, "speedup": 5.0}}
-    ref = {"pooling": {"run": {"cpu": "there"}, "speedup": 7.0}}
-    md = book.benchmarks_markdown(ours, ref)
-    here, there = md.split("## Reference measurements")
-    assert "### pooling" in here and "cpu=here" in here and "cpu=there" not in here
-    assert "### pooling" in there and "cpu=there" in there
-    only_ref = book.benchmarks_markdown({}, ref)
-    assert "make benchmark" in only_ref and "cpu=there" in only_ref
+    ours = {"pooling": {"run": {"cpu": "cpu-of-this-machine"}, "speedup": 5.0}}
+    ref = {"pooling": {"run": {"cpu": "cpu-of-the-reference"}, "speedup": 7.0}}
+    md = benchmark_report.benchmarks_markdown(ours, ref)
+    there, here = md.split("## Measured on the machine that built this site")
+    assert "### Cumulant pooling" in here and "cpu-of-this-machine" in here and "cpu-of-the-reference" not in here
+    assert "### Cumulant pooling" in there and "cpu-of-the-reference" in there
+    only_ref = benchmark_report.benchmarks_markdown({}, ref)
+    assert "`make benchmark`" in only_ref and "`make book`" in only_ref and "cpu-of-the-reference" in only_ref
+    same = benchmark_report.benchmarks_markdown(ref, ref)  # copied with make benchmark-reference: not repeated
+    assert same.count("### Cumulant pooling") == 1 and "The same as the reference measurements: Cumulant pooling" in same
+
+
+def test_numbers_have_three_significant_digits():
+    n = benchmark_report.number
+    assert [n(3.789), n(0.0949), n(23641.17), n(139.2), n(2.0), n(1e-6), n(1.6097e-13), n(2_500_000.0)] == \
+        ["3.79", "0.0949", "23,600", "139", "2", "10⁻⁶", "1.61 × 10⁻¹³", "2.5 × 10⁶"]
+    assert [n(200000), n(True), n(float("nan")), n(999.7)] == ["200,000", "yes", "not a number", "1,000"]
+
+
+def _synthetic_reports():
+    models = {"fam-a": (2.0, 1.0, 3.0, 1e-7), "fam-b": (4.0, 1.2, 5.0, 2e-6), "other": (0.5, 0.9, 0.8, 3e-6)}
+    extraction = {"benchmark": "extraction", "baseline": "calculator loop", "run": {"cpu": "cpu-x", "gpu": None},
+                  "results": [{"model": m, "structures": 10, "batched_s": 1.0, "workers_s": 1.0 / g,
+                               "speedup": s, "speedup_of_batching": b, "workers": 2,
+                               "speedup_with_workers": w, "max_energy_diff_eV_per_atom": d}
+                              for m, (s, b, w, d), g in zip(models, models.values(), (1.5, 1.25, 1.6))]}
+    reconstruction = {"gfre": {"models": 3, "pairs": 9, "atoms": 30, "speedup": 12.34, "max_abs_diff": 1e-9,
+                               "max_rel_diff_where_value_gt_1e-6": 2e-7},
+                      "lfre": {"models": 3, "pairs": 9, "atoms": 20, "speedup": 56.78, "max_abs_diff": 3e-9,
+                               "max_rel_diff_where_value_gt_1e-6": 4e-6}}
+    pooling = {"n_structures": 50, "orders": {"2": {"speedup": 7.0, "max_abs_diff": 1e-12, "max_abs_value": 2.0},
+                                              "4": {"speedup": 9.5, "max_abs_diff": 3e-10, "max_abs_value": 100.0}}}
+    memory = {"atoms": 1000, "models": 2, "dim": 4, "inputs_gb": 2.0, "peak_rss_gb": 5.0, "budget_gb": 4.0,
+              "seconds": 3.0, "pairs": 4, "finite": True}
+    return {"extraction": extraction, "reconstruction": reconstruction, "pooling": pooling, "memory": memory}
+
+
+def test_summary_numbers_are_recomputed_from_the_report():
+    reports = _synthetic_reports()
+    ext = benchmark_report.summary("extraction", reports["extraction"])
+    # speed-ups by model family (the key's first word), largest first; batching and workers ranges
+    assert "by a factor of 2–4 for the 2 fam models and 0.5 for other (a factor below 1" in ext[0]
+    assert "a factor of 0.9–1.2 " in ext[1]
+    assert "in 2 worker processes adds a factor of 1.25–1.6 " in ext[2] and "3–5 for the 2 fam models" in ext[2]
+    assert "3 × 10⁻⁶ eV/atom at worst (other), within the tolerance of 10⁻⁵ eV/atom" in ext[3]
+    assert "The best speed-up, 5 (fam-b, with workers), falls short of the design's target of 10." == ext[4]
+    rec = benchmark_report.summary("reconstruction", reports["reconstruction"])
+    assert "GFRE matrix (3 models, 9 pairs, 30 atoms) is 12.3 times" in rec[0] and "LFRE matrix (3 models, 9 pairs, " \
+        "20 atoms) 56.8 times" in rec[0]
+    assert "4 × 10⁻⁶ relative (LFRE, 3 × 10⁻⁹ absolute), beyond the tolerance of 10⁻⁶" in rec[1]
+    pool = benchmark_report.summary("pooling", reports["pooling"])
+    assert "of 50 structures are 7–9.5 times as fast" in pool[0] and "orders 2 and 4" in pool[0]
+    assert "3 × 10⁻¹² of the largest value (order 4), within the tolerance" in pool[1]  # 3e-10 / 100
+    mem = benchmark_report.summary("memory", reports["memory"])
+    assert mem[0].endswith("1,000 atoms × 2 models × 4 features peaks at 5 GB of resident memory, over the 4 GB "
+                           "budget (125 % of it).")
+    assert "2.5 times the size of the inputs (2 GB)" in mem[1] and "4 pairs took 3 s; every value is finite" in mem[2]
+    md = benchmark_report.benchmarks_markdown({}, reports)
+    assert all(line in md for line in ext + rec + pool + mem)
+
+
+def test_reference_summary_quotes_the_committed_reports():
+    """The page's sentences about the reference runs follow the committed numbers."""
+    root = Path(__file__).resolve().parents[1]
+    ref = benchmark_report.read_benchmarks(root / "benchmarks" / "reference")
+    span, number = benchmark_report.span, benchmark_report.number
+    md = benchmark_report.benchmarks_markdown({}, ref)
+    rows = ref["extraction"]["results"]
+    for family in {r["model"].split("-")[0] for r in rows}:
+        members = [r["speedup"] for r in rows if r["model"].split("-")[0] == family]
+        assert f"{span(members)} for " in md, family
+    assert f"to {number(max(r['max_energy_diff_eV_per_atom'] for r in rows))} eV/atom at worst" in md
+    assert f"{span([o['speedup'] for o in ref['pooling']['orders'].values()])} times as fast" in md
+    assert f"is {number(ref['reconstruction']['gfre']['speedup'])} times as fast" in md
+    assert f"peaks at {number(ref['memory']['peak_rss_gb'])} GB" in md
+
+
+@pytest.mark.parametrize("break_it", [
+    lambda r: r["extraction"]["results"][0].pop("speedup"),
+    lambda r: r["extraction"]["results"][1].update(speedup="n/a", max_energy_diff_eV_per_atom=None),
+    lambda r: r["extraction"].update(results="not measured"),
+    lambda r: r["reconstruction"]["gfre"].update(speedup=float("nan"), models={"odd": [1, {"x": 2}]}),
+    lambda r: r["pooling"].update(orders=[1, 2]),
+    lambda r: r["memory"].update(budget_gb=0, inputs_gb="?", run="somewhere"),
+    lambda r: r.update(memory=["not", "a", "mapping"]),
+])
+def test_report_with_a_missing_or_odd_field_still_renders(break_it):
+    reports = _synthetic_reports()
+    break_it(reports)
+    md = benchmark_report.benchmarks_markdown(reports, reports)
+    assert all(f"### {t}" in md for t in benchmark_report.TITLES.values())
+    assert table_rows(md)
+
+
+def test_known_report_keys_never_appear_as_raw_headers():
+    """Tables name quantities in words with units; no snake_case report key reaches the page."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    reports = {**_synthetic_reports(), **benchmark_report.read_benchmarks(root / "benchmarks" / "reference")}
+    md = benchmark_report.benchmarks_markdown({}, reports)
+    rows = table_rows(md)
+    assert rows and all(len(row) <= benchmark_report.MAX_COLUMNS for row in rows)
+    snake = [k for k in benchmark_report.LABELS if "_" in k]
+    assert [k for k in snake if k in md] == []
+    assert [c for row in rows for c in row if re.fullmatch(r"[a-z]+(?:_[a-z0-9]+)+", c)] == []
+    assert benchmark_report.label("unknown_thing_s") == "Unknown thing (s)"
 
 
 def test_committed_reference_benchmarks_say_where_they_ran():
     """Every benchmark script has a committed reference report naming its commit and machine."""
     root = Path(__file__).resolve().parents[1]
-    reference = book.read_benchmarks(root / "benchmarks" / "reference")
+    reference = benchmark_report.read_benchmarks(root / "benchmarks" / "reference")
     scripts = {p.stem for p in (root / "benchmarks").glob("*.py")}
     assert set(reference) == scripts
     for name, report in reference.items():
         run = report["run"]
         assert run["git_commit"] != "unknown" and run["cpu"] and run["logical_cores"] >= 1, name
+        assert benchmark_report.summary(name, report), name  # every committed report gets a summary
 
 
-def test_performance_page_claims_match_reference_reports():
-    """book/performance.md summarises the committed reports; this keeps the summary true."""
-    root = Path(__file__).resolve().parents[1]
-    ref = book.read_benchmarks(root / "benchmarks" / "reference")
-    ext = {r["model"]: r for r in ref["extraction"]["results"]}
-    for key, r in ext.items():
-        assert 0.9 <= round(r["speedup_of_batching"], 1) <= 1.3, key  # "0.9-1.3"
-        assert r["max_energy_diff_eV_per_atom"] <= 1e-5, key
-        assert r["workers"] == ref["extraction"]["run"]["logical_cores"] == 2, key  # "on the two cores"
-        assert 1.0 <= round(r["batched_s"] / r["workers_s"], 1) <= 1.4, key  # "adds 1.0-1.4x"
-        if key == "diep":
-            assert round(r["speedup"]) <= 1                           # "no faster for DIEP"
-            assert round(r["speedup_with_workers"], 1) == 1.1         # "DIEP 1.1x"
-        else:
-            assert 3 <= round(r["speedup"]) <= 6, key                 # "3-6x faster"
-            assert 3 <= round(r["speedup_with_workers"] * 2) / 2 <= 6.5, key  # "3-6.5x"
-    rec = ref["reconstruction"]
-    assert 20 <= rec["gfre"]["speedup"] <= 35 and 30 <= rec["lfre"]["speedup"] <= 50  # "~25x", "~40x"
-    assert rec["gfre"]["models"] == 8 and rec["input"]["dataset"].startswith("default")
-    assert max(rec[m]["max_rel_diff_where_value_gt_1e-6"] for m in ("gfre", "lfre")) < 1e-8
-    assert all(25 <= round(o["speedup"]) <= 45 for o in ref["pooling"]["orders"].values())  # "25-45x"
-    assert ref["memory"]["within_budget"] and ref["memory"]["peak_rss_gb"] < 13
+def test_performance_page_types_no_measured_number():
+    """Measured numbers come from the reports (book/_generated/benchmarks.md), never typed in the page."""
+    import re
+
+    page = (Path(__file__).resolve().parents[1] / "book" / "performance.md").read_text()
+    measured = re.compile(r"\d\s*(?:x\b|×|%|[kMGT]i?B\b|times\b|s\b)|~\s*\d|\d(?:\.\d+)?e-?\d", re.IGNORECASE)
+    assert measured.findall(page) == []
+    assert "{include} _generated/benchmarks.md" in page
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,7 +406,7 @@ def test_tiny_build_renders_tables_math_figure_and_chemiscope_without_remote_scr
 
 def test_half_written_benchmark_report_is_named(tmp_path):
     (tmp_path / "good.json").write_text('{"ratio": 2.0}')
-    assert book.read_benchmarks(tmp_path) == {"good": {"ratio": 2.0}}
+    assert benchmark_report.read_benchmarks(tmp_path) == {"good": {"ratio": 2.0}}
     (tmp_path / "partial.json").write_text('{"ratio": 2.')
     with pytest.raises(ValueError, match="partial.json"):
-        book.read_benchmarks(tmp_path)
+        benchmark_report.read_benchmarks(tmp_path)

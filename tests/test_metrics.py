@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import skmatter.metrics as sk
@@ -114,6 +116,32 @@ def test_lfre_default_neighbours_is_min_dim():
     _close(metrics.lfre(X, Y, tr, te, device="cpu"), sk.local_reconstruction_error(X, Y, 12, train_idx=tr, test_idx=te))
 
 
+def test_lfre_more_neighbours_than_training_rows_uses_all_and_warns():
+    # skmatter takes all training rows when n_local_points exceeds them (up to n_samples)
+    X, Y = _latent(n=60, dims=(8, 6), seed=10)
+    tr, te = _split(len(X), 40)                                               # 20 training rows
+    ref = sk.pointwise_local_reconstruction_error(X, Y, 30, train_idx=tr, test_idx=te)
+    msg = r"n_local_points=30 exceeds the 20 training rows; using all 20"
+    with pytest.warns(metrics.LocalPointsWarning, match=msg):
+        ours = metrics.pointwise_lfre(X, Y, tr, te, n_local_points=30, device="cpu", batch_size=7)
+    _close(ours, ref)
+    # exactly the training rows: no warning, the same fit
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", metrics.LocalPointsWarning)
+        _close(metrics.pointwise_lfre(X, Y, tr, te, n_local_points=20, device="cpu"), ref)
+    # default k = min(D_x, D_y) above the training rows: capped as well
+    with pytest.warns(metrics.LocalPointsWarning, match="n_local_points=6 exceeds the 4 training rows"):
+        v = metrics.lfre(X, Y, tr[:4], te, device="cpu")
+    assert v == pytest.approx(sk.local_reconstruction_error(X, Y, 6, train_idx=tr[:4], test_idx=te), rel=RTOL)
+    # the matrix caps every pair the same way
+    with pytest.warns(metrics.LocalPointsWarning, match="using all 20"):
+        df = metrics.reconstruction_matrix({"a": X, "b": Y}, metric="lfre", test_size=40, n_local_points=30,
+                                           device="cpu")
+    tr, te = metrics.split_indices(60, 40, None, 0)
+    assert df.set_index(["source", "target"]).value["a", "b"] == pytest.approx(
+        sk.local_reconstruction_error(X, Y, 30, train_idx=tr, test_idx=te), rel=RTOL)
+
+
 def test_properties():
     X, Y = _latent(n=400, dims=(24, 16))
     tr, te = _split(len(X), 100)
@@ -208,8 +236,12 @@ def test_bad_input():
         metrics.gfre(np.ones_like(X), Y)
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         metrics.gfre(X, Y, alphas=[0.5, 1.0])
-    with pytest.raises(ValueError, match="exceeds"):
-        metrics.lfre(X, Y, np.arange(10), np.arange(10, 20), n_local_points=20, device="cpu")
+    with pytest.raises(ValueError, match="n_local_points=101"):   # more than the samples, as skmatter
+        metrics.lfre(X, Y, np.arange(10), np.arange(10, 20), n_local_points=101, device="cpu")
+    with pytest.raises(ValueError, match="at least 2"):
+        metrics.lfre(X, Y, n_local_points=1, device="cpu")
+    with pytest.raises(ValueError, match="n_local_points=101"):
+        metrics.reconstruction_matrix({"a": X, "b": Y}, metric="lfre", test_size=10, n_local_points=101)
     with pytest.raises(ValueError, match="n_atoms differ"):
         metrics.reconstruction_matrix({"a": X, "b": Y[:90]})
     other = species.copy()

@@ -5,7 +5,9 @@ Everything the book shows that comes from data is generated here into ``book/_ge
 
 - ``models.md`` — the model registry (``models/*.yml``) with availability on the building machine;
 - ``datasets.md`` — the dataset registry (``data/datasets.yml``);
-- ``benchmarks.md`` — every ``benchmarks/results/*.json``;
+- ``benchmarks.md`` — the benchmark reports (:mod:`umlip_latents.benchmark_report`);
+- ``findings.md`` and ``findings-box.md`` — the findings chapter and the intro page's box, from
+  the findings the executed notebooks glued (:mod:`umlip_latents.findings`);
 - ``results/NN-slug.ipynb`` — one chapter per executed notebook: the papermill output with a
   note naming the notebook and its parameters, the narrative of ``book/results-NN-slug.md``
   and, where the notebook wrote a chemiscope file into ``book/_generated``, the interactive map;
@@ -23,14 +25,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
-from . import paths
+from . import benchmark_report, paths
 
 #: Executed notebooks become chapters under this folder of ``book/_generated``.
 RESULTS_DIR = "results"
@@ -148,102 +149,6 @@ def datasets_markdown(registry: Mapping) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# benchmarks
-# ---------------------------------------------------------------------------------------------
-
-def _scalar(v) -> bool:
-    """A value one table cell can show: a number, string, bool, None or a flat list of them."""
-    flat = (str, int, float, bool, type(None))
-    return isinstance(v, flat) or (isinstance(v, (list, tuple)) and all(isinstance(x, flat) for x in v))
-
-
-def _records(v) -> bool:
-    """A non-empty list of flat mappings, or a mapping of flat mappings (rows of one table)."""
-    rows = v.values() if isinstance(v, Mapping) else v if isinstance(v, list) else None
-    return bool(rows) and all(isinstance(r, Mapping) and all(_scalar(x) for x in r.values()) for r in rows)
-
-
-def _records_table(records, index: str | None = None) -> str:
-    """A list of mappings (rows) or a mapping of mappings (rows, with their keys in column ``index``)."""
-    keyed = isinstance(records, Mapping)
-    rows = list(records.values()) if keyed else list(records)
-    cols = []
-    for r in rows:
-        cols += [k for k in r if k not in cols]
-    header = ([cell(index)] if keyed else []) + [cell(c) for c in cols]
-    body = [([code(k)] if keyed else []) + [cell(r.get(c)) for c in cols]
-            for k, r in zip(records if keyed else [None] * len(rows), rows)]
-    return md_table(header, body)
-
-
-def benchmark_markdown(name: str, report: Mapping, level: int = 2) -> str:
-    """One benchmark report (the JSON a ``benchmarks/*.py`` script prints) as Markdown.
-
-    Under a heading of ``level`` (2: ``## name``): top-level scalars, and small mappings of
-    scalars (such as versions), go into one settings table; a list of records or a mapping of records becomes
-    a table; a larger mapping of scalars a two-column table; anything deeper a JSON block.
-    """
-    settings, parts = [], []
-    for key, value in report.items():
-        if _scalar(value):
-            settings.append([cell(key), cell(value)])
-        elif isinstance(value, Mapping) and all(_scalar(v) for v in value.values()):
-            if len(value) <= 4 and not any(isinstance(v, (list, tuple)) for v in value.values()):
-                settings.append([cell(key), cell(", ".join(f"{k}={v}" for k, v in value.items()))])
-            else:
-                rows = [[cell(k), cell(v)] for k, v in value.items()]
-                parts.append(f"**{cell(key)}**\n\n" + md_table(["quantity", "value"], rows))
-        elif _records(value):
-            parts.append(f"**{cell(key)}**\n\n" + _records_table(value, index=str(key)))
-        else:
-            parts.append(f"**{cell(key)}**\n\n```json\n{json.dumps(value, indent=2)}\n```\n")
-    out = [f"{'#' * level} {cell(name)}\n"]
-    if settings:
-        out.append(md_table(["setting", "value"], settings))
-    return "\n".join(out + parts)
-
-
-def benchmarks_markdown(reports: Mapping[str, Mapping], reference: Mapping[str, Mapping] | None = None) -> str:
-    """The benchmark reports of this machine and the committed reference reports, by name.
-
-    Parameters
-    ----------
-    reports : mapping of name -> report
-        ``benchmarks/results/*.json``, written by ``make benchmark`` on the machine building
-        the book (git-ignored).
-    reference : mapping of name -> report, optional
-        ``benchmarks/reference/*.json``: reports committed with the code, each carrying the
-        commit, date and machine that measured it (its ``run`` entry).
-    """
-    out = ["## This machine\n"]
-    if reports:
-        out += [benchmark_markdown(name, reports[name], level=3) for name in sorted(reports)]
-    else:
-        out.append("No benchmark results here: `make benchmark` writes them to `benchmarks/results/`, "
-                   "then `make book` shows them in this section.\n")
-    if reference:
-        out.append("## Reference measurements\n")
-        out.append("Committed in `benchmarks/reference/` (copied there from `benchmarks/results/` with "
-                   "`make benchmark-reference`); each report's `run` row names the commit, date and CPU "
-                   "that measured it.\n")
-        out += [benchmark_markdown(name, reference[name], level=3) for name in sorted(reference)]
-    return "\n".join(out)
-
-
-def read_benchmarks(folder: str | Path) -> dict[str, dict]:
-    """The ``*.json`` reports of a folder by file stem (none if it does not exist)."""
-    folder = Path(folder)
-    out = {}
-    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        try:
-            out[path.stem] = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"benchmark report {path} is not valid JSON ({exc}); rerun `make benchmark` "
-                             "or delete the file") from exc
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
 # results chapters
 # ---------------------------------------------------------------------------------------------
 
@@ -318,7 +223,10 @@ def chapter_notebook(nb, narrative: str, notebook: str, params_file: str | None 
 
     Returns a new notebook: the parameters cell with the notebook's defaults is removed from
     the page (papermill's injected cell shows what ran), the note and the narrative follow the
-    first cell, the chemiscope maps follow their cells.
+    first cell, the chemiscope maps follow their cells. The page is tidied for reading (see
+    :func:`tidy_outputs`): code is collapsed, long tables are collapsed, empty outputs are
+    dropped and what libraries printed to stderr is moved into one collapsed block at the end;
+    every ``##``/``###`` heading gets a label :func:`section_label` for the findings chapter.
     """
     import nbformat
 
@@ -328,6 +236,15 @@ def chapter_notebook(nb, narrative: str, notebook: str, params_file: str | None 
         tags = c.get("metadata", {}).get("tags", [])
         if "parameters" in tags and "remove-cell" not in tags:
             c.metadata["tags"] = [*tags, "remove-cell"]
+    log = tidy_outputs(nb)
+    label_sections(nb, Path(notebook).stem)
+    if log:
+        end = nbformat.v4.new_markdown_cell(messages_markdown(log))
+        if nb.nbformat_minor >= 5:
+            end["id"] = "book-messages"
+        else:
+            end.pop("id", None)
+        nb.cells.append(end)
     inserts = []
     for index, name in chemiscope_files(nb):
         if chemiscope and name in chemiscope:
@@ -344,9 +261,162 @@ def chapter_notebook(nb, narrative: str, notebook: str, params_file: str | None 
     return nb
 
 
+#: A table output with more rows than this is collapsed on the page.
+LONG_TABLE_ROWS = 15
+_HEADING = re.compile(r"^(#{2,3}) +(.+?) *$", re.MULTILINE)
+
+
+def _text(value) -> str:
+    return "".join(value) if isinstance(value, list) else str(value or "")
+
+
+def _first_code_line(source: str) -> str:
+    lines = [ln for ln in source.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    return lines[0].strip()[:70] if lines else ""
+
+
+def tidy_outputs(nb) -> list[tuple[str, str]]:
+    """Tidy a notebook for the page, in place; return what was printed to stderr.
+
+    - every code cell's input is collapsed (tag ``hide-input``) unless a tag already decides;
+    - a cell whose output is a table of more than :data:`LONG_TABLE_ROWS` rows, or a text dump of
+      as many lines, is collapsed with its code (``hide-cell``), as is a cell tagged ``hide-output``;
+    - empty stream outputs are dropped;
+    - stderr streams (library warnings and progress messages) are removed from their cells and
+      returned as ``(first code line of the cell, text)``, for :func:`messages_markdown`.
+    """
+    log = []
+    decided = {"hide-input", "hide-cell", "remove-input", "remove-cell", "hide-output"}
+    for c in nb.cells:
+        if c.cell_type != "code":
+            continue
+        tags = list(c.get("metadata", {}).get("tags", []))
+        kept, long = [], False
+        for o in c.get("outputs", []):
+            if o.get("output_type") == "stream":
+                text = _text(o.get("text"))
+                if o.get("name") == "stderr":
+                    if text.strip():
+                        log.append((_first_code_line(c.source), text.rstrip()))
+                    continue
+                if not text.strip():
+                    continue
+                long |= text.count("\n") > LONG_TABLE_ROWS
+            html = _text(o.get("data", {}).get("text/html", ""))
+            long |= html.count("<tr") > LONG_TABLE_ROWS + 1
+            kept.append(o)
+        c.outputs = kept
+        if long and not decided & set(tags):
+            tags.append("hide-output")
+        if "hide-output" in tags and not {"hide-input", "remove-input"} & set(tags):
+            tags = [t for t in tags if t != "hide-output"] + ["hide-cell"]   # one toggle for code and output
+        if not decided & set(tags):
+            tags.append("hide-input")
+        c.metadata["tags"] = tags
+    return log
+
+
+def messages_markdown(log: list[tuple[str, str]]) -> str:
+    """One collapsed block holding what the notebook's code printed to stderr, by cell."""
+    parts = [f":::{{admonition}} Messages printed to stderr while this page ran ({len(log)})\n:class: dropdown\n",
+             "Warnings and progress messages of the libraries, moved here from their cells so the page "
+             "reads without them; what they mean for the results is discussed in the text where it matters.\n"]
+    for where, text in log:
+        parts.append(f"From the cell starting `{where.replace('`', '')}`:\n\n````text\n{text}\n````\n")
+    return "\n".join(parts) + ":::\n"
+
+
+def slug(text: str) -> str:
+    """A heading as an anchor-safe slug: lower case, runs of other characters as one ``-``."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def section_label(chapter: str, heading: str) -> str:
+    """The label of a chapter's section (what the findings chapter links to with ``{ref}``)."""
+    return f"sec-{slug(chapter)}-{slug(heading)}"
+
+
+def label_sections(nb, chapter: str) -> None:
+    """Put a MyST target ``(label)=`` before every ``##``/``###`` heading of the notebook, in place."""
+    for c in nb.cells:
+        if c.cell_type == "markdown":
+            c.source = _HEADING.sub(lambda m: f"({section_label(chapter, m.group(2))})=\n{m.group(0)}", c.source)
+
+
 def narrative_path(book_dir: str | Path, notebook: str | Path) -> Path:
     """``book/results-<notebook stem>.md``: the hand-written narrative of a chapter."""
     return Path(book_dir) / f"results-{Path(notebook).stem}.md"
+
+
+# ---------------------------------------------------------------------------------------------
+# findings
+# ---------------------------------------------------------------------------------------------
+
+def _verdict_cell(f: Mapping) -> str:
+    return cell(f["verdict"])
+
+
+def _measure(f: Mapping) -> str:
+    return f.get("measure_label") or f["measure"].upper()
+
+
+def findings_markdown(found: list[Mapping]) -> str:
+    """The findings chapter: one row per claim, from the findings the executed notebooks glued.
+
+    ``found`` holds :meth:`umlip_latents.paper.Finding.to_dict` records (as read back by
+    :func:`umlip_latents.findings.notebook_findings`); every number on the page is theirs.
+    """
+    from .paper import REPOSITORY as paper_repository
+
+    out = ["# Findings\n",
+           "Each of the paper's claims, set beside what the run that built this site measured. *Ours* is the "
+           "estimate with its 95 % interval over re-drawn train/test splits and the data it rests on; *paper* is "
+           "the matching experiment of arXiv:2512.05717, pooled over the pairs `data/paper-matches.yml` selects "
+           "(mean, and the range of its pairs), read from the result files of the paper's repository "
+           f"[{paper_repository}](https://github.com/{paper_repository}) (`results/reconstruction_errors/`, "
+           "named with their commit below). The verdict is computed: it places our interval against the range "
+           "of the paper's pairs, and no verdict is drawn from a number without an interval. Each claim links to "
+           "the section of the chapter that shows it.\n"]
+    if not found:
+        return "\n".join(out + ["The executed notebooks glued no findings.\n"])
+    rows = [[f"{{ref}}`{cell(f['title'])} <{section_label(f['chapter'], f['section'])}>`", cell(_measure(f)),
+             cell(f["ours"]["text"]), cell(f["paper"]["text"] if f.get("paper") else "–"), _verdict_cell(f)]
+            for f in found]
+    out.append(md_table(["claim", "measure", "ours (95 % interval)", "paper", "verdict"], rows))
+    out.append("\n## What each comparison rests on\n")
+    seen = set()
+    for f in found:
+        if (f["claim"], f["measure"]) in seen:
+            continue
+        seen.add((f["claim"], f["measure"]))
+        paper = f.get("paper") or {}
+        sources = "; ".join(code(s) for s in paper.get("sources", [])) or "–"
+        out.append(f"- **{cell(f['title'])}** ({cell(_measure(f))}). Ours: {cell(f['detail'])}; "
+                   f"{cell(f['ours']['n'])}. Matched to the paper because of {cell(f.get('why') or '–')}. "
+                   f"Paper files: {sources}.")
+    return "\n".join(out) + "\n"
+
+
+def findings_box_markdown(found: list[Mapping], limit: int = 6) -> str:
+    """The box on the intro page: the first claims of each kind and their verdicts, linking on."""
+    lines = [":::{admonition} What this run found\n:class: tip\n"]
+    if not found:
+        lines.append("The executed notebooks glued no findings; see {doc}`/book/_generated/findings`.\n")
+        return "\n".join(lines) + ":::\n"
+    seen, shown = set(), []
+    for f in found:
+        if f["claim"] in seen:
+            continue
+        seen.add(f["claim"])
+        shown.append(f)
+    for f in shown[:limit]:
+        paper = f" (paper: {cell(f['paper']['text'])})" if f.get("paper") else ""
+        lines.append(f"- **{cell(f['title'])}**, {cell(_measure(f))}: ours {cell(f['ours']['text'])}"
+                     f"{paper}: {_verdict_cell(f)}.")
+    more = len(shown) - min(limit, len(shown))
+    lines.append(f"\nEvery claim{f' ({more} more)' if more else ''}, with the data and the paper's files behind it: "
+                 "{doc}`/book/_generated/findings`.\n")
+    return "\n".join(lines) + ":::\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,6 +469,7 @@ def write_generated(notebooks_dir: str | Path, book_dir: str | Path | None = Non
     import nbformat
 
     from .datasets import registry as dataset_registry
+    from .findings import notebook_findings
     from .registry import load_registry
 
     root = paths.project_root()
@@ -414,8 +485,9 @@ def write_generated(notebooks_dir: str | Path, book_dir: str | Path | None = Non
         availability = {r["key"]: (r["available"], r["why"]) for r in models_table()}
     pages = {"models.md": models_markdown(load_registry(derived=False), availability),
              "datasets.md": datasets_markdown(dataset_registry()),
-             "benchmarks.md": benchmarks_markdown(read_benchmarks(root / "benchmarks" / "results"),
-                                                  read_benchmarks(root / "benchmarks" / "reference"))}
+             "benchmarks.md": benchmark_report.benchmarks_markdown(
+                 benchmark_report.read_benchmarks(root / "benchmarks" / "results"),
+                 benchmark_report.read_benchmarks(root / "benchmarks" / "reference"))}
     for name, text in pages.items():
         (gen / name).write_text(text)
         written.append(gen / name)
@@ -427,11 +499,13 @@ def write_generated(notebooks_dir: str | Path, book_dir: str | Path | None = Non
     executed = sorted(Path(notebooks_dir).glob("[0-9][0-9]-*.ipynb"))
     if not executed:
         raise FileNotFoundError(f"no executed notebooks (NN-*.ipynb) in {notebooks_dir}")
+    found = []
     for path in executed:
         nb = nbformat.read(path, as_version=4)
         meta = nb.metadata.get("papermill")
         if not meta:
             raise ValueError(f"{path} was not executed by papermill (no metadata.papermill)")
+        found += notebook_findings(nb)
         pfile = params_file_for(meta.get("parameters", {}), root / "params")
         narrative = narrative_path(book_dir, path)
         maps = {name: f"../{name}" for _, name in chemiscope_files(nb) if (gen / name).is_file()}
@@ -440,6 +514,10 @@ def write_generated(notebooks_dir: str | Path, book_dir: str | Path | None = Non
                                    str(pfile.relative_to(root)) if pfile else None, maps)
         nbformat.write(chapter, results / path.name)
         written.append(results / path.name)
+
+    for name, text in (("findings.md", findings_markdown(found)), ("findings-box.md", findings_box_markdown(found))):
+        (gen / name).write_text(text)
+        written.append(gen / name)
 
     if node_modules:
         stage_static(node_modules, gen / "_static")

@@ -79,3 +79,21 @@ def calculator_energies(calculator, structures: list) -> np.ndarray:
         a.calc = calculator
         out.append(a.get_potential_energy())
     return np.array(out)
+
+
+def isolated_atoms(structures: list, cutoff: float) -> dict[str, int]:
+    """Structures holding atoms with no neighbour within ``cutoff`` (Å), periodic images included.
+
+    Such an atom has an empty graph neighbourhood in a model whose graph cutoff is ``cutoff``
+    (CHGNet's ``atom_graph_cutoff`` is 5 Å and it warns that its prediction "will likely go
+    wrong" there): its features hold its species only. Returns ``{structure_id: count}``.
+    """
+    from ase.neighborlist import neighbor_list
+
+    out = {}
+    for i, atoms in enumerate(structures):
+        first = neighbor_list("i", atoms, cutoff)
+        lonely = len(atoms) - len(np.unique(first))
+        if lonely:
+            out[str(atoms.info.get("structure_id", i))] = int(lonely)
+    return out

@@ -78,11 +78,12 @@ def _extract(args) -> int:
 def _notebook(args) -> int:
     from pathlib import Path
 
-    from .notebooks import run_notebook
+    from .notebooks import NotebookProgress, run_notebook
 
+    progress = None if args.quiet else NotebookProgress(total=len(args.notebooks), stream=sys.stderr)
     for nb in args.notebooks:
         out = Path(nb) if args.in_place else Path(args.out) / Path(nb).name
-        run_notebook(nb, out, args.params)
+        run_notebook(nb, out, args.params, progress=progress)
         print(f"{nb} -> {out}")
     return 0
 
@@ -149,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--params", required=True)
     n.add_argument("--out", default="runs")
     n.add_argument("--in-place", action="store_true", help="overwrite the notebooks (to commit smoke outputs)")
+    n.add_argument("--quiet", action="store_true",
+                   help="no progress lines on stderr (by default: one per notebook and per executed code cell)")
     n.set_defaults(func=_notebook)
     return parser
 

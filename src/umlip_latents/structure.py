@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .metrics import gfre, split_indices
+from .metrics import gfre, percentile_interval, split_indices
 from .pooling import MAX_ORDER, check_index, cumulant_features
 
 #: Ridge penalties :func:`downstream_ridge_error` chooses from in each fold (standardised X).
@@ -155,7 +155,7 @@ def atom_components(values, n_components: int | None = None, seed: int = 0) -> n
 
 
 def order_information(values, structure_index, max_order: int = MAX_ORDER, test_size=0.25, seed: int = 0,
-                      device: str = "auto", transform: str | None = "signed_root"):
+                      device: str = "auto", transform: str | None = "signed_root", n_boot: int = 0):
     """GFRE between cumulant descriptors of successive orders, on one structure-level split.
 
     Parameters
@@ -174,6 +174,11 @@ def order_information(values, structure_index, max_order: int = MAX_ORDER, test_
         Where :func:`umlip_latents.metrics.gfre` computes.
     transform : {"signed_root", "none", None}
         Passed to :func:`umlip_latents.pooling.cumulant_features`.
+    n_boot : int
+        If > 0, every GFRE is recomputed on ``n_boot`` re-drawn splits (seeds ``seed + 1``, ...):
+        ``ci_low`` and ``ci_high`` are the 2.5 and 97.5 percentiles over these and the split of
+        ``seed`` (:func:`umlip_latents.metrics.percentile_interval`), and ``attrs["replicates"]`` holds all of them (records ``boot, measure, k, gfre``;
+        ``boot`` 0 is the split of ``seed``).
 
     Returns
     -------
@@ -186,7 +191,7 @@ def order_information(values, structure_index, max_order: int = MAX_ORDER, test_
           order k;
         - ``"1->k"`` (k = 1 .. max_order): what orders 2..k add to the mean (0 at k = 1).
 
-        ``attrs`` holds ``n_train``, ``n_test``, ``dim`` and ``seed``.
+        ``attrs`` holds ``n_train``, ``n_test``, ``dim``, ``seed`` and ``n_boot``.
     """
     import pandas as pd
 
@@ -195,23 +200,45 @@ def order_information(values, structure_index, max_order: int = MAX_ORDER, test_
         raise ValueError(f"max_order must be an integer in 2..{MAX_ORDER}, got {max_order!r}")
     features = cumulant_features(values, structure_index, order=int(max_order), transform=transform)
     dim = np.asarray(values).shape[1]
-    train, test = split_indices(len(features), test_size, seed=seed)
+    pairs = [p for k in range(1, max_order) for p in (("k->k+1", k, k, k + 1), ("k+1->k", k, k + 1, k))]
+    pairs += [("1->k", k, 1, k) for k in range(1, max_order + 1)]
 
-    def block(k):
-        return features[:, :k * dim]
+    def on_split(split_seed):
+        train, test = split_indices(len(features), test_size, seed=split_seed)
+        values = [gfre(features[:, :src * dim], features[:, :tgt * dim], train, test, device=device)
+                  for _, _, src, tgt in pairs]
+        return values, len(train), len(test)
 
-    def one(measure, k, src, tgt):
-        value = gfre(block(src), block(tgt), train, test, device=device)
-        return {"measure": measure, "k": k, "source_order": src, "target_order": tgt, "gfre": value}
+    values, n_train, n_test = on_split(seed)
+    out = pd.DataFrame([{"measure": m, "k": k, "source_order": src, "target_order": tgt, "gfre": v}
+                        for (m, k, src, tgt), v in zip(pairs, values)])
+    replicates = None
+    if n_boot:
+        boots = [values] + [on_split(seed + 1 + b)[0] for b in range(n_boot)]
+        bounds = [percentile_interval(col) for col in np.array(boots).T]
+        out["ci_low"], out["ci_high"] = [b[0] for b in bounds], [b[1] for b in bounds]
+        replicates = [{"boot": b, "measure": m, "k": k, "gfre": float(v)}
+                      for b, row in enumerate(boots) for (m, k, _, _), v in zip(pairs, row)]
+    out.attrs.update(n_train=n_train, n_test=n_test, dim=dim, seed=seed, n_boot=n_boot)
+    if replicates is not None:
+        out.attrs["replicates"] = replicates
+    return out
 
-    rows = []
-    for k in range(1, max_order):
-        rows.append(one("k->k+1", k, k, k + 1))
-        rows.append(one("k+1->k", k, k + 1, k))
-    for k in range(1, max_order + 1):
-        rows.append(one("1->k", k, 1, k))
-    out = pd.DataFrame(rows)
-    out.attrs.update(n_train=len(train), n_test=len(test), dim=dim, seed=seed)
+
+def combine_orders(per_model: Mapping):
+    """:func:`order_information` tables of several models in one, with a ``model`` column.
+
+    The replicates of every model are kept (``attrs["replicates"]`` gains ``model``); the split
+    sizes are those of the first model (all use the same structures and seed).
+    """
+    import pandas as pd
+
+    parts = list(per_model.items())
+    out = pd.concat([part.assign(model=key) for key, part in parts], ignore_index=True)
+    first = parts[0][1].attrs
+    out.attrs = {k: v for k, v in first.items() if k != "replicates"}
+    if all("replicates" in part.attrs for _, part in parts):
+        out.attrs["replicates"] = [{**r, "model": key} for key, part in parts for r in part.attrs["replicates"]]
     return out
 
 
@@ -354,15 +381,13 @@ def paper_pooling_numbers() -> dict:
     Returns
     -------
     dict
-        ``{"k->k+1": (low, high), "1->8": value}``: GFRE(k -> k+1) lies in ``[low, high]`` for
-        k = 1..7, and GFRE(1 -> 8) is about ``value``.
+        ``{"k->k+1": (low, high), "1->8": value, "sources": [...]}``: GFRE(k -> k+1) of the paper
+        lies in ``[low, high]`` for k = 1..7, GFRE(1 -> 8) is ``value``; ``sources`` cite the files.
     """
-    from .comparison import load_paper_numbers
+    from .paper import paper_stat
 
-    pooling = load_paper_numbers()["pooling"]
-    step = pooling["order_k_to_k_plus_1_gfre"]
-    return {"k->k+1": (float(step["min"]), float(step["max"])),
-            "1->8": float(pooling["order_1_to_8_gfre"]["value"])}
+    step, top = paper_stat("cumulant_step"), paper_stat("cumulant_mean_to_top")
+    return {"k->k+1": (step.low, step.high), "1->8": top.mean, "sources": list(step.sources)}
 
 
 def paper_agreement(info, reference: Mapping | None = None) -> list[str]:
@@ -372,7 +397,7 @@ def paper_agreement(info, reference: Mapping | None = None) -> list[str]:
     ----------
     info : pandas.DataFrame
         :func:`order_information` tables of several models concatenated, with a ``model``
-        column.
+        column (see :func:`combine_orders`).
     reference : mapping, default :func:`paper_pooling_numbers`
         ``{"k->k+1": (low, high), "1->8": value}``.
 
@@ -393,53 +418,65 @@ def paper_agreement(info, reference: Mapping | None = None) -> list[str]:
     last = info[(info.measure == "1->k") & (info.k == top)]
     near = (last.gfre - ref).abs() <= 0.1
     caveat = "" if top == 8 else f" (the paper's value is for order 8, these for order {top})"
-    second = (f"GFRE(1→{top}) ranges from {last.gfre.min():.2f} to {last.gfre.max():.2f}, against about "
+    second = (f"GFRE(1→{top}) ranges from {last.gfre.min():.2f} to {last.gfre.max():.2f}, against "
               f"{ref:.2f} for PET-MAD{caveat}; {int(near.sum())} of {len(last)} models lie within 0.1 of it.")
     return [first, second]
 
 
-def plot_order_information(info, title: str, reference: Mapping | None = None):
+def plot_order_information(info, title: str | None = None, reference: Mapping | None = None):
     """Line plots of GFRE(k -> k+1) and GFRE(1 -> k) against k, one line per model.
 
     The paper's PET-MAD values (``reference``, default :func:`paper_pooling_numbers`) are drawn
-    beside them: a band for GFRE(k -> k+1), a star for GFRE(1 -> 8).
+    beside them: a band for GFRE(k -> k+1), a star for GFRE(1 -> 8). With ``ci_low`` and
+    ``ci_high`` columns (``order_information(n_boot=...)``) every point carries its interval.
+    Sized for a page (8 in wide, fonts of at least 8 pt); provenance belongs in the caption.
 
     Parameters
     ----------
     info : pandas.DataFrame
         Concatenated :func:`order_information` tables with a ``model`` column.
-    title : str
-        Figure title (name the notebook in it).
+    title : str, optional
+        Figure title.
     """
     import matplotlib.pyplot as plt
 
     reference = paper_pooling_numbers() if reference is None else reference
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.6))
     lo, hi = reference["k->k+1"]
     axes[0].axhspan(lo, hi, color="0.85", label="PET-MAD (paper)")
     axes[1].plot([8], [reference["1->8"]], "k*", ms=12, label="PET-MAD (paper)")
     for ax, measure, label in ((axes[0], "k->k+1", "GFRE(order k → order k+1)"),
                                (axes[1], "1->k", "GFRE(order 1 → order k)")):
         for model, part in info[info.measure == measure].groupby("model"):
-            ax.plot(part.k, part.gfre, "o-", ms=3, label=model)
-        ax.set(xlabel="cumulant order k", ylabel=label)
+            if "ci_low" in part:
+                err = np.vstack([part.gfre - part.ci_low, part.ci_high - part.gfre]).clip(min=0)
+                ax.errorbar(part.k, part.gfre, yerr=err, fmt="o-", ms=3, capsize=2, label=model)
+            else:
+                ax.plot(part.k, part.gfre, "o-", ms=3, label=model)
+        ax.set_xlabel("cumulant order k", fontsize=10)
+        ax.set_ylabel(label, fontsize=10)
+        ax.tick_params(labelsize=9)
         ax.xaxis.get_major_locator().set_params(integer=True)
-    axes[1].legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
+    handles, labels = axes[1].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=min(4, len(labels)), frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0.08 + 0.05 * ((len(labels) - 1) // 4), 1, 1))
     return fig
 
 
-def plot_pcovr_maps(maps: Mapping, colours: Mapping, title: str):
+def plot_pcovr_maps(maps: Mapping, colours: Mapping, title: str | None = None):
     """Grid of 2-D maps: one row per map, one column per colouring.
+
+    Sized for a page (8 in wide, fonts of at least 8 pt); provenance belongs in the caption.
 
     Parameters
     ----------
     maps : mapping label -> ndarray of shape (n, 2)
     colours : mapping label -> array of shape (n,)
         Strings are drawn as categories with a legend, numbers with a colour bar.
-    title : str
-        Figure title (name the notebook in it).
+    title : str, optional
+        Figure title.
 
     Returns
     -------
@@ -447,8 +484,7 @@ def plot_pcovr_maps(maps: Mapping, colours: Mapping, title: str):
     """
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(maps), len(colours), figsize=(4.8 * len(colours), 4 * len(maps)),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(maps), len(colours), figsize=(8, 3.4 * len(maps)), squeeze=False)
     for row, (map_label, xy) in zip(axes, maps.items()):
         for ax, (colour_label, c) in zip(row, colours.items()):
             c = np.asarray(c)
@@ -456,13 +492,19 @@ def plot_pcovr_maps(maps: Mapping, colours: Mapping, title: str):
                 for j, cat in enumerate(sorted(set(c.tolist()))):
                     sel = c == cat
                     ax.scatter(xy[sel, 0], xy[sel, 1], s=6, color=f"C{j}", label=str(cat))
-                ax.legend(fontsize=7, markerscale=2)
+                ax.legend(fontsize=8, markerscale=2)
             else:
                 lim = np.percentile(np.abs(c), 98)
                 sc = ax.scatter(xy[:, 0], xy[:, 1], s=6, c=c, cmap="coolwarm", vmin=-lim, vmax=lim)
-                fig.colorbar(sc, ax=ax, label=colour_label)
-            ax.set(xlabel="PCovR 1", ylabel="PCovR 2", title=f"{map_label}, by {colour_label}")
-    fig.suptitle(title)
+                bar = fig.colorbar(sc, ax=ax)
+                bar.set_label(colour_label, fontsize=9)
+                bar.ax.tick_params(labelsize=8)
+            ax.set_xlabel("PCovR 1", fontsize=9)
+            ax.set_ylabel("PCovR 2", fontsize=9)
+            ax.tick_params(labelsize=8)
+            ax.set_title(f"{map_label}, by {colour_label}", fontsize=10)
+    if title:
+        fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return fig
 

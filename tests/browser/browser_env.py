@@ -30,7 +30,7 @@ CHROMEDRIVER = os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver")
 #: Flags for a root, offline machine: no sandbox, no GPU, no background connections to Google.
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--enable-unsafe-swiftshader", "--window-size=1280,900")
+                  "--disable-dev-shm-usage", "--enable-unsafe-swiftshader", "--window-size=1400,900")
 
 
 def site_pages() -> list[str]:

@@ -124,6 +124,49 @@ def widget_ready(widget: dict) -> bool:
             and widget["info_table"] and not widget["error"])
 
 
+#: Text that must not be visible on a page: library warnings and tracebacks belong in the
+#: collapsed "Messages printed to stderr" block of a chapter, not in its body.
+WARNING_TEXT = r"(Warning:|UserWarning|DeprecationWarning|FutureWarning|RuntimeWarning|Traceback \(most recent)"
+
+
+def reading_report(driver) -> dict:
+    """What a reader sees: figures and their captions, visible warning text, horizontal overflow.
+
+    An image of a notebook output is a figure when it sits in a ``<figure>`` with a
+    ``<figcaption>``; overflow is an element of the article wider than the article's text column
+    that no scrolling ancestor (``overflow-x: auto/scroll/hidden``) contains.
+    """
+    return driver.execute_script("""
+        const article = document.querySelector('article.bd-article') || document.querySelector('main');
+        const imgs = article ? [...article.querySelectorAll('.cell_output img, .output img')] : [];
+        const figures = imgs.map(i => {
+            const fig = i.closest('figure');
+            const cap = fig && fig.querySelector('figcaption');
+            return {src: (i.currentSrc || i.src).split('/').pop(), caption: cap ? cap.innerText.trim() : '',
+                    alt: i.getAttribute('alt') || ''};
+        });
+        const text = document.body.innerText;
+        const warning = new RegExp(arguments[0]);
+        const hits = text.split('\n').filter(l => warning.test(l)).slice(0, 5);
+        const overflow = [];
+        if (article) {
+            const right = article.getBoundingClientRect().right + 1;
+            for (const e of article.querySelectorAll('*')) {
+                const r = e.getBoundingClientRect();
+                if (r.width === 0 || r.right <= right) continue;
+                let clipped = false;
+                for (let a = e.parentElement; a && a !== article; a = a.parentElement) {
+                    if (['auto', 'scroll', 'hidden'].includes(getComputedStyle(a).overflowX)) { clipped = true; break; }
+                }
+                if (!clipped && !['auto', 'scroll', 'hidden'].includes(getComputedStyle(e).overflowX)) {
+                    overflow.push(e.tagName.toLowerCase() + '.' + [...e.classList].join('.') + ' ' + Math.round(r.right - right) + 'px');
+                }
+            }
+        }
+        return {figures: figures, warnings: hits, overflow: overflow.slice(0, 5),
+                page_overflow: document.documentElement.scrollWidth > window.innerWidth + 1};""", WARNING_TEXT)
+
+
 def save_screenshot(driver, path) -> None:
     """Full-page PNG (through the DevTools protocol), at most :data:`MAX_SHOT_HEIGHT` tall."""
     size = driver.execute_script(
@@ -147,8 +190,15 @@ def test_page_renders(page, site_url, browser, screenshot_dir):
     browser.execute_script("window.scrollTo(0, 0)")
     save_screenshot(browser, screenshot_dir / (page.replace("/", "__").removesuffix(".html") + ".png"))
     errors = console_errors(browser)
+    reading = reading_report(browser)
 
     assert not errors, f"console errors on {page}:\n" + "\n".join(errors)
+    uncaptioned = [f["src"] for f in reading["figures"] if not f["caption"]]
+    assert not uncaptioned, f"figures without a caption on {page}: {uncaptioned}"
+    assert all(f["alt"] for f in reading["figures"]), f"figures without alt text on {page}"
+    assert not reading["warnings"], f"warning text visible on {page}: {reading['warnings']}"
+    assert not reading["overflow"] and not reading["page_overflow"], \
+        f"content wider than the text column on {page}: {reading['overflow']}"
     broken = [i["src"] for i in images if i["width"] == 0]
     assert not broken, f"images that did not load on {page}: {broken}"
     assert maths["rendered"] == maths["formulas"], f"formulas left untypeset on {page}: {maths}"
@@ -179,3 +229,28 @@ def test_pooling_chapter_has_live_chemiscope_map(site_url, browser):
     widgets = chemiscope_report(browser)
     assert widgets, f"{pages[0]} has no chemiscope widget"
     assert all(widget_ready(w) for w in widgets), widgets
+
+
+def test_findings_page_lists_its_verdicts(site_url, browser):
+    """The findings chapter: one row per claim with our number, the paper's and a computed verdict."""
+    page = "book/_generated/findings.html"
+    if page not in site_pages():
+        pytest.fail(f"no {page} in the built site")
+    browser.get(site_url + page)
+    wait_for(browser, "return document.readyState === 'complete'", "the page to load")
+    rows = browser.execute_script("""
+        const table = document.querySelector('article table');
+        if (!table) return [];
+        const head = [...table.querySelectorAll('thead th')].map(h => h.innerText.trim());
+        return [...table.querySelectorAll('tbody tr')].map(r => {
+            const cells = [...r.querySelectorAll('td')].map(c => c.innerText.trim());
+            const link = r.querySelector('td a');
+            return Object.assign(Object.fromEntries(head.map((h, i) => [h, cells[i]])),
+                                 {link: link ? link.getAttribute('href') : ''});
+        });""")
+    assert len(rows) >= 6, f"the findings table has {len(rows)} rows"
+    for row in rows:
+        assert row["verdict"] and row["ours (95 % interval)"], row
+        assert row["link"].startswith("../_generated/results/") or "results/" in row["link"], row
+    verdicts = " ".join(r["verdict"] for r in rows)
+    assert "range" in verdicts or "interval" in verdicts

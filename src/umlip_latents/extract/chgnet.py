@@ -225,7 +225,8 @@ class ChgnetAdapter(Adapter):
         """chgnet's own ``CHGNetCalculator`` on the same model object."""
         from chgnet.model.dynamics import CHGNetCalculator
 
-        return CHGNetCalculator(self.model, use_device=self.device, check_cuda_mem=False)
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints "CHGNet will run on <device>"
+            return CHGNetCalculator(self.model, use_device=self.device, check_cuda_mem=False)
 
     def extra_versions(self) -> dict:
         return {"checkpoint_version": self.model.version}

@@ -27,8 +27,8 @@ non-linearity.
 
 from __future__ import annotations
 
-from ._engine import DEFAULT_ALPHAS, METRICS, RANDOM_STATE
-from .matrix import reconstruction_matrix, split_indices
+from ._engine import DEFAULT_ALPHAS, METRICS, RANDOM_STATE, LocalPointsWarning
+from .matrix import local_points, percentile_interval, reconstruction_matrix, split_indices
 from .pair import (
     pointwise_gfre,
     gfre,
@@ -41,7 +41,9 @@ from .pair import (
 )
 
 __all__ = [
-    "DEFAULT_ALPHAS", "METRICS", "RANDOM_STATE", "reconstruction_matrix", "split_indices",
+    "DEFAULT_ALPHAS", "METRICS", "RANDOM_STATE", "LocalPointsWarning", "local_points", "percentile_interval",
+    "reconstruction_matrix",
+    "split_indices",
     "pointwise_gfre",
     "gfre",
     "pointwise_gfrd",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import numpy as np
 
@@ -13,6 +14,13 @@ RANDOM_STATE = 0x5F3759DF
 METRICS = ("gfre", "gfrd", "lfre", "cka", "nonlinear_gfre")
 #: Rough size of the float64 intermediates of one LFRE batch or test chunk (bytes).
 _BATCH_BYTES = 2 ** 28
+
+
+class LocalPointsWarning(UserWarning):
+    """LFRE was asked for more neighbours than there are training rows: all of them are used.
+
+    scikit-matter does the same silently (``argsort(...)[:n_local_points]`` of fewer rows).
+    """
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,9 +358,26 @@ def _one_cpu_thread(device):
         torch.set_num_threads(before)
 
 
+def _clamp_local_points(ks, n_train: int, stacklevel: int) -> list:
+    """Neighbour counts ``ks`` capped at ``n_train``, with a :class:`LocalPointsWarning` if any was above."""
+    if min(ks) < 2:
+        raise ValueError("n_local_points must be at least 2")
+    above = sorted({int(k) for k in ks if k > n_train})
+    if above:
+        asked = above[0] if len(above) == 1 else above
+        warnings.warn(f"n_local_points={asked} exceeds the {n_train} training rows; using all {n_train} "
+                      "of them (as scikit-matter does)", LocalPointsWarning, stacklevel=stacklevel + 1)
+    return [min(int(k), n_train) for k in ks]
+
+
 def _local_errors(X_train, X_test, Y_train, Y_test, widths, ks, *, alphas, alpha_type, random_state,
                   batch_size=None) -> list:
-    """Pointwise LFRE of every target (target ``t`` with ``ks[t]`` neighbours): list of (n_test,)."""
+    """Pointwise LFRE of every target (target ``t`` with ``ks[t]`` neighbours): list of (n_test,).
+
+    A ``ks[t]`` above the training rows uses all of them, with a :class:`LocalPointsWarning`
+    (pointing at the caller of the function that called this one).
+    """
+    ks = _clamp_local_points(ks, len(X_train), stacklevel=3)
     with _one_cpu_thread(X_train.device):
         return _local_errors_impl(X_train, X_test, Y_train, Y_test, widths, ks, alphas=alphas,
                                   alpha_type=alpha_type, random_state=random_state, batch_size=batch_size)
@@ -362,10 +387,6 @@ def _local_errors_impl(X_train, X_test, Y_train, Y_test, widths, ks, *, alphas, 
                        batch_size=None) -> list:
     import torch
 
-    if min(ks) < 2:
-        raise ValueError("n_local_points must be at least 2")
-    if max(ks) > len(X_train):
-        raise ValueError(f"n_local_points={max(ks)} exceeds the {len(X_train)} training rows")
     order = _neighbour_order(X_train, X_test, max(ks)).to(X_train.device)
     off = _offsets(widths)
     out = [None] * len(widths)

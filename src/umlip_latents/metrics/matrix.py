@@ -161,12 +161,40 @@ def _matrix_values(arrays, metrics, train_idx, test_idx, opts, dev) -> dict:
                     for t, (lo2, hi2) in enumerate(blocks):
                         out[metric, s, t] = linear_cka(test_np[:, lo:hi], test_np[:, lo2:hi2])
                     continue
-                ks = [opts["n_local_points"] or min(widths[s], w) for w in widths]
+                ks = [local_points(opts["n_local_points"], widths[s], w) for w in widths]
                 errs = _local_errors(train[:, lo:hi], test[:, lo:hi], train, test, widths, ks,
                                      batch_size=opts["batch_size"], random_state=opts["random_state"], **ridge)
                 for t, e in enumerate(errs):
                     out[metric, s, t] = _rms(e.cpu().numpy())
     return {key: out[key] for key in sorted(out, key=lambda k: (metrics.index(k[0]), k[1], k[2]))}
+
+
+def percentile_interval(values, level: float = 0.95) -> tuple[float, float]:
+    """The central ``level`` interval of resampled values: their empirical quantiles.
+
+    Quantiles are taken as values of the sample (numpy's ``inverted_cdf``), so with a few
+    resamples the interval is their range and always holds every one of them (the split of
+    ``seed`` included); with many it is the usual percentile interval.
+    """
+    values = np.asarray(values, dtype=float)
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.percentile(values, [tail, 100 - tail], method="inverted_cdf")
+    return float(lo), float(hi)
+
+
+def local_points(rule, d_source: int, d_target: int) -> int:
+    """LFRE neighbours of one pair under ``rule`` (see :func:`reconstruction_matrix`).
+
+    ``None``: ``min(D_source, D_target)`` (the paper's protocol: with 2-fold CV each local fit
+    then has fewer rows than the source's columns, so it is determined only by its ridge
+    penalty); ``"determined"``: ``2 (D_source + 1)``, the fewest neighbours whose folds have
+    more rows than columns; an integer: that number.
+    """
+    if rule is None:
+        return min(d_source, d_target)
+    if rule == "determined":
+        return 2 * (d_source + 1)
+    return int(rule)
 
 
 def reconstruction_matrix(features, metric="gfre", test_size=1000, stratify=None, seed=0, n_boot=0,
@@ -191,13 +219,18 @@ def reconstruction_matrix(features, metric="gfre", test_size=1000, stratify=None
         Seed of the train/test split.
     n_boot : int
         If > 0, the matrix is recomputed on ``n_boot`` re-drawn splits (seeds ``seed + 1``,
-        ``seed + 2``, ...) and ``ci_low``, ``ci_high`` are their 2.5 and 97.5 percentiles.
+        ``seed + 2``, ...) and ``ci_low``, ``ci_high`` are the 2.5 and 97.5 percentiles over
+        these and the split of ``seed`` (:func:`percentile_interval`).
     device : str
         ``"auto"``, ``"cpu"`` or ``"cuda"``.
     subsets : array of shape (n_atoms,) or (n_structures,), optional
         Labels per atom (or, with FeatureSets, per structure) for ``stratify="subset"``.
-    n_local_points : int, optional
-        LFRE neighbours; default ``min(D_source, D_target)`` for each pair.
+    n_local_points : int, "determined" or None
+        LFRE neighbours; default (``None``) ``min(D_source, D_target)`` for each pair, the paper's
+        protocol; ``"determined"``: ``2 (D_source + 1)``, so that each fold of the local 2-fold
+        ridge fit has more rows than columns (see :func:`local_points`). Above the training
+        atoms, all of them are used with a :class:`~umlip_latents.metrics.LocalPointsWarning`;
+        above ``n_atoms``, a ``ValueError`` (as :func:`~umlip_latents.metrics.pointwise_lfre`).
     alphas, alpha_type, random_state
         Ridge2FoldCV settings, as in :func:`pointwise_gfre`.
     n_components : int
@@ -209,7 +242,10 @@ def reconstruction_matrix(features, metric="gfre", test_size=1000, stratify=None
     -------
     pandas.DataFrame
         Columns ``source, target, metric, value, ci_low, ci_high``: ``source`` reconstructs
-        ``target``. ``attrs`` holds the split sizes and settings.
+        ``target``. ``attrs`` holds the split sizes and settings and, with ``n_boot > 0``,
+        ``replicates``: one record ``boot, source, target, metric, value`` per split (``boot`` 0
+        is the split of ``seed``) and cell, from which a statistic over several cells gets its interval
+        (:func:`umlip_latents.findings.statistic`).
     """
     import pandas as pd
 
@@ -218,11 +254,16 @@ def reconstruction_matrix(features, metric="gfre", test_size=1000, stratify=None
     unknown = sorted(set(metrics) - set(METRICS))
     if unknown:
         raise ValueError(f"unknown metric(s) {unknown}; choose from {METRICS}")
-    if n_local_points is not None and n_local_points < 2:
+    if isinstance(n_local_points, str) and n_local_points != "determined":
+        raise ValueError(f"n_local_points must be an integer, 'determined' or None, got {n_local_points!r}")
+    if isinstance(n_local_points, int) and n_local_points < 2:
         raise ValueError("n_local_points must be at least 2")
     opts = dict(alphas=_check_alphas(alphas, alpha_type), alpha_type=alpha_type, random_state=random_state,
                 n_local_points=n_local_points, n_components=n_components, seed=seed, batch_size=batch_size)
     n = len(arrays[0])
+    if isinstance(n_local_points, int) and n_local_points > n:
+        raise ValueError(f"features have {n} atoms but n_local_points={n_local_points}; "
+                         "must have at least n_local_points atoms")
     labels = _labels(stratify, subsets, fsets, n)
     dev = _device(device)
     train_idx, test_idx = split_indices(n, test_size, labels, seed)
@@ -231,10 +272,14 @@ def reconstruction_matrix(features, metric="gfre", test_size=1000, stratify=None
              for b in range(n_boot)]
     rows = []
     for (m, s, t), v in values.items():
-        lo, hi = np.percentile([b[m, s, t] for b in boots], [2.5, 97.5]) if boots else (np.nan, np.nan)
+        lo, hi = percentile_interval([v] + [b[m, s, t] for b in boots]) if boots else (np.nan, np.nan)
         rows.append({"source": names[s], "target": names[t], "metric": m, "value": v, "ci_low": lo, "ci_high": hi})
     df = pd.DataFrame(rows, columns=["source", "target", "metric", "value", "ci_low", "ci_high"])
     df.attrs.update(n_train=len(train_idx), n_test=len(test_idx), seed=seed, n_boot=n_boot, device=str(dev),
                     test_size=test_size, n_local_points=n_local_points, alpha_type=alpha_type,
                     alphas=opts["alphas"].tolist())
+    if boots:   # records (not a DataFrame: pandas compares attrs when it concatenates tables)
+        df.attrs["replicates"] = [{"boot": b, "source": names[s], "target": names[t], "metric": m,
+                                   "value": float(v)} for b, vals in enumerate([values, *boots])
+                                  for (m, s, t), v in vals.items()]
     return df

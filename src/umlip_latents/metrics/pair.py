@@ -39,8 +39,9 @@ def pointwise_gfre(X, Y, train_idx=None, test_idx=None, *, alphas=None, alpha_ty
         Target features.
     train_idx, test_idx : int arrays, optional
         Row indices. Both ``None``: skmatter's seeded half/half split; one ``None``: the
-        complement of the other. (skmatter's aggregate and LFRE functions take ``test_idx``
-        before ``train_idx``; pass both by keyword when switching.)
+        complement of the other. (Every skmatter reconstruction function but
+        ``pointwise_global_reconstruction_error`` takes ``test_idx`` before ``train_idx``, and
+        its LFRE functions take ``n_local_points`` third; pass them by keyword when switching.)
     alphas : array of shape (n_alphas,), default ``geomspace(1e-9, 0.9, 20)``
         Singular-value cutoffs tried by the 2-fold CV, relative to the largest singular value
         of the two folds unless ``alpha_type="absolute"``.
@@ -114,7 +115,9 @@ def pointwise_lfre(X, Y, train_idx=None, test_idx=None, *, n_local_points=None, 
     Parameters
     ----------
     n_local_points : int, optional
-        Neighbours per local fit; skmatter has no default, here ``min(D_x, D_y)``.
+        Neighbours per local fit; skmatter has no default, here ``min(D_x, D_y)``. As in
+        skmatter, a value above the number of training rows uses all of them (here with a
+        :class:`~umlip_latents.metrics.LocalPointsWarning`), and one above ``n_samples`` is a ``ValueError``.
     batch_size : int, optional
         Test samples fitted together (default: from a ~256 MB budget).
 
@@ -124,6 +127,9 @@ def pointwise_lfre(X, Y, train_idx=None, test_idx=None, *, n_local_points=None, 
     """
     alphas = _check_alphas(alphas, alpha_type)
     Xtr, Xte, Ytr, Yte = _prepare_pair(X, Y, train_idx, test_idx, device)
+    if n_local_points is not None and n_local_points > len(X):
+        raise ValueError(f"X has {len(X)} samples but n_local_points={n_local_points}; "
+                         "must have at least n_local_points samples")
     k = int(n_local_points or min(Xtr.shape[1], Ytr.shape[1]))
     err = _local_errors(Xtr, Xte, Ytr, Yte, [Ytr.shape[1]], [k], alphas=alphas, alpha_type=alpha_type,
                         random_state=random_state, batch_size=batch_size)
