@@ -147,7 +147,7 @@ def reading_report(driver) -> dict:
         });
         const text = document.body.innerText;
         const warning = new RegExp(arguments[0]);
-        const hits = text.split('\n').filter(l => warning.test(l)).slice(0, 5);
+        const hits = text.split(String.fromCharCode(10)).filter(l => warning.test(l)).slice(0, 5);
         const overflow = [];
         if (article) {
             const right = article.getBoundingClientRect().right + 1;
