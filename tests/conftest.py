@@ -20,7 +20,8 @@ MACE_RECIPE = dict(n_train=40, seed=0, max_epochs=3, num_channels=16, max_L=1, r
 
 
 #: test files that need a family environment (besides tests parametrized over such models or families)
-ENV_FILES = {"test_worker.py", "test_pet.py", "test_uma.py", "test_dpa.py", "test_mattersim.py", "test_orb.py"}
+ENV_FILES = {"test_worker.py", "test_pet.py", "test_pet_released.py", "test_uma.py", "test_dpa.py",
+             "test_mattersim.py", "test_orb.py", "test_dpa_released.py", "test_uma_released.py", "test_orb_released.py"}
 #: test files that train or fine-tune models
 TRAINING_FILES = {"test_finetune_chgnet.py", "test_finetune_mace.py", "test_notebook_finetune.py", "test_training.py"}
 

@@ -19,6 +19,27 @@ def test_models_list_shows_every_model_and_availability(capsys, tmp_path, monkey
     assert "available=no" in mace_line
 
 
+def test_models_list_shows_the_file_every_model_expects(capsys, tmp_path, monkeypatch):
+    """Each line names the file the model is looked for as (checkpoints folder + registry file name,
+    e.g. the paper's PET-MAD as ``pet-mad-s-v1.0.2.ckpt``), or the wheel that bundles it."""
+    import umlip_latents.extract as extract
+    from umlip_latents.registry import load_registry
+
+    monkeypatch.setenv("UMLIP_LATENTS_CHECKPOINTS", str(tmp_path))
+    monkeypatch.setattr(extract, "availability", lambda spec: (False, "not probed"))  # the column, not the probe
+    assert main(["models", "list"]) == 0
+    lines = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines() if " file=" in ln}
+    specs = load_registry(derived=False)
+    assert set(lines) == set(specs)
+    for key, spec in specs.items():
+        src = spec.source
+        want = (f"({src['package']} wheel: {src['name']})" if src["kind"] == "wheel"
+                else str(tmp_path / (src.get("path") or src["filename"])))
+        assert f" file={want} " in lines[key], (key, lines[key])
+    assert f" file={tmp_path / 'pet-mad-s-v1.0.2.ckpt'} " in lines["pet-mad-s-v1.0.2"]
+    assert f" file={tmp_path / 'mace-mp-0b3-medium.model'} " in lines["mace-mp-0b3-medium"]
+
+
 def test_extract_writes_store_and_prints_summary(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("UMLIP_LATENTS_STORE", str(tmp_path))
     assert main(["extract", "--dataset", "mpf-alkali-tp", "--model", "chgnet-0.3.0", "--limit", "4",

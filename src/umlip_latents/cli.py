@@ -39,11 +39,30 @@ def _models(args) -> int:
                 print(key)
         return 0
     from .extract import models_table
+    from .registry import load_registry
 
-    for row in models_table(derived=args.derived):
+    specs = load_registry(derived=args.derived)
+    rows = models_table(derived=args.derived)
+    width = max([24] + [len(row["key"]) for row in rows])
+    for row in rows:
         flag = "yes" if row["available"] else "no "
-        print(f"{row['key']:24s} {row['family']:7s} env={row['environment']:7s} available={flag} {row['why']}")
+        print(f"{row['key']:{width}s} {row['family']:9s} env={row['environment']:9s} available={flag} "
+              f"file={expected_file(specs[row['key']])} {row['why']}")
     return 0
+
+
+def expected_file(spec) -> str:
+    """Where ``spec``'s weights are expected: the file in the checkpoints folder (``source.filename``
+    or ``source.path``; an absolute path as it is), or the wheel that bundles them."""
+    from pathlib import Path
+
+    from .paths import checkpoints_dir
+
+    src = spec.source
+    if src["kind"] == "wheel":
+        return f"({src.get('package', spec.family)} wheel: {src['name']})"
+    name = Path(src.get("path") or src.get("filename") or f"{spec.key}.*").expanduser()
+    return str(name if name.is_absolute() else checkpoints_dir() / name)
 
 
 def _extract(args) -> int:
@@ -125,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("action", choices=["list", "fetch"])
     d.add_argument("names", nargs="*")
     d.set_defaults(func=_datasets)
-    m = sub.add_parser("models", help="list registered models and whether they can be loaded here")
+    m = sub.add_parser("models", help="list registered models, the file each expects, whether it loads here")
     m.add_argument("action", choices=["list", "keys"], help="list: with availability; keys: registry keys only")
     m.add_argument("--derived", action="store_true", help="also list the models made by fine-tuning runs")
     m.add_argument("--source", choices=["wheel", "loader", "local"], help="keys: only models of this source kind")

@@ -32,34 +32,51 @@ DPA_TYPE_MAP = ["O", "H", "Si", "Na", "Cl", "Cu", "Mg", "Li"]
 
 
 def build_random_pet(path: str, atomic_types: list[int], seed: int = 0, reference_energies: dict | None = None,
-                     llpr: bool = False, **hypers) -> str:
-    """A small randomly initialised PET (metatrain defaults overridden by ``hypers``), saved to ``path``.
+                     scale: float | None = None, llpr: bool = False, non_conservative: bool = False,
+                     **hypers) -> dict:
+    """A randomly initialised PET (metatrain defaults overridden by ``hypers``), saved to ``path``.
 
     ``reference_energies`` (eV per atom of each type) become the composition model's fixed
-    weights so the readout's per-element shift is exercised; the scaler keeps scale 1. With
-    ``llpr``, the PET is wrapped in metatrain's ``LLPRUncertaintyModel``, the layout PET-MAD
-    v1.0.2 and the uPET models are released in. A ``.ckpt`` path gets the metatrain checkpoint
-    (``get_checkpoint``, what upet downloads), any other the exported metatomic model.
-    Runs in the ``pet`` environment.
+    weights so the readout's per-element shift is exercised; ``scale`` the scaler's fixed
+    energy scale (default 1; metatrain has one per target for a per-structure energy). With ``non_conservative``, the model also has
+    the direct force and stress heads most uPET releases carry (targets
+    ``non_conservative_forces`` and ``non_conservative_stress``). With ``llpr``, the PET is
+    wrapped in metatrain's ``LLPRUncertaintyModel``, the layout PET-MAD v1.0.2 is released in.
+    A ``.ckpt`` path gets the metatrain checkpoint (``get_checkpoint``, what upet downloads),
+    any other the exported metatomic model. Runs in the ``pet`` environment.
+
+    Returns the PET's (not the wrapper's) parameter count, readout layers and ``d_head``.
     """
     import torch
     from metatrain.llpr import LLPRUncertaintyModel
     from metatrain.pet import PET
     from metatrain.utils.architectures import get_default_hypers
     from metatrain.utils.data import DatasetInfo
-    from metatrain.utils.data.target_info import get_energy_target_info
+    from metatrain.utils.data.target_info import get_energy_target_info, get_generic_target_info
 
     from .extract.pet import TARGET
 
     torch.manual_seed(seed)
     model_hypers = get_default_hypers("pet")["model"]
     model_hypers.update(hypers)
-    info = DatasetInfo(length_unit="Angstrom", atomic_types=list(atomic_types),
-                       targets={TARGET: get_energy_target_info(TARGET, {"quantity": "energy", "unit": "eV"})})
+    targets = {TARGET: get_energy_target_info(TARGET, {"quantity": "energy", "unit": "eV"})}
+    if non_conservative:
+        for name, quantity, unit, rank, kind in (("non_conservative_forces", "force", "eV/A", 1, "atom"),
+                                                 ("non_conservative_stress", "stress", "eV/A^3", 2, "system")):
+            layout = {"quantity": quantity, "unit": unit, "num_subtargets": 1,
+                      "type": {"cartesian": {"rank": rank}}, "sample_kind": kind}
+            targets[name] = get_generic_target_info(name, layout)
+    info = DatasetInfo(length_unit="Angstrom", atomic_types=list(atomic_types), targets=targets)
     model = PET(model_hypers, info)
     if reference_energies:
-        model.additive_models[0].model.fit(fixed_weights={TARGET: {int(z): float(e) for z, e in reference_energies.items()}})
+        weights = {TARGET: {int(z): float(e) for z, e in reference_energies.items()}}
+        model.additive_models[0].model.fit(fixed_weights=weights, targets_to_fit=[TARGET])
         model.additive_models[0].sync_tensor_maps()
+    if scale is not None:
+        model.scaler.model.fit(fixed_weights={TARGET: float(scale)}, targets_to_fit=[TARGET])
+        model.scaler.sync_tensor_maps()
+    built = {"parameters": sum(p.numel() for p in model.parameters()),
+             "readout_layers": int(model.num_readout_layers), "d_head": int(model.hypers["d_head"])}
     if llpr:
         wrapper = LLPRUncertaintyModel(get_default_hypers("llpr")["model"], info)
         wrapper.set_wrapped_model(model)
@@ -69,7 +86,7 @@ def build_random_pet(path: str, atomic_types: list[int], seed: int = 0, referenc
         torch.save(model.get_checkpoint(), str(path))
     else:
         model.export().save(str(path))
-    return str(path)
+    return built
 
 
 def build_random_uma(path: str, seed: int = 0, tasks: tuple = UMA_TASKS, reference_energies: dict | None = None,
@@ -142,34 +159,53 @@ def build_random_uma(path: str, seed: int = 0, tasks: tuple = UMA_TASKS, referen
 
 def dpa3_config(type_map: list[str], seed: int = 0, n_dim: int = 16, e_dim: int = 8, a_dim: int = 8,
                 nlayers: int = 2, e_rcut: float = 4.0, a_rcut: float = 3.5, e_sel: int = 40, a_sel: int = 16,
-                neuron: tuple = (16, 16), precision: str = "float32") -> dict:
-    """A small DPA-3 energy model's ``model`` section, in deepmd-kit's input format (before normalisation)."""
-    return {
-        "type_map": list(type_map),
-        "descriptor": {
-            "type": "dpa3",
-            "repflow": {"n_dim": n_dim, "e_dim": e_dim, "a_dim": a_dim, "nlayers": nlayers,
-                        "e_rcut": e_rcut, "e_rcut_smth": e_rcut - 0.5, "e_sel": e_sel,
-                        "a_rcut": a_rcut, "a_rcut_smth": a_rcut - 0.5, "a_sel": a_sel, "axis_neuron": 4,
-                        "update_angle": True, "smooth_edge_update": True},
-            "precision": precision, "seed": seed,
-        },
-        "fitting_net": {"neuron": list(neuron), "resnet_dt": True, "precision": precision, "seed": seed},
-    }
+                neuron: tuple = (16, 16), precision: str = "float32", e_rcut_smth: float | None = None,
+                a_rcut_smth: float | None = None, activation_function: str | None = None, dim_case_embd: int = 0,
+                repflow: dict | None = None, descriptor: dict | None = None) -> dict:
+    """A DPA-3 energy model's ``model`` section, in deepmd-kit's input format (before normalisation).
+
+    The defaults are small. ``repflow`` and ``descriptor`` add or override keys of the repflow
+    block and of the descriptor (e.g. DPA-3.1-3M's ``use_dynamic_sel``, ``update_style``);
+    ``activation_function`` is set on both the descriptor and the fitting net; ``dim_case_embd``
+    > 0 gives the fitting net a case embedding, deepmd's way of sharing one fitting net between
+    the branches of a multi-task model. Smoothing radii default to the cut-offs minus 0.5 Å.
+    """
+    rep = {"n_dim": n_dim, "e_dim": e_dim, "a_dim": a_dim, "nlayers": nlayers,
+           "e_rcut": e_rcut, "e_rcut_smth": e_rcut - 0.5 if e_rcut_smth is None else e_rcut_smth, "e_sel": e_sel,
+           "a_rcut": a_rcut, "a_rcut_smth": a_rcut - 0.5 if a_rcut_smth is None else a_rcut_smth, "a_sel": a_sel,
+           "axis_neuron": 4, "update_angle": True, "smooth_edge_update": True}
+    rep.update(repflow or {})
+    desc = {"type": "dpa3", "repflow": rep, "precision": precision, "seed": seed}
+    fitting = {"neuron": list(neuron), "resnet_dt": True, "precision": precision, "seed": seed}
+    if activation_function is not None:
+        desc["activation_function"] = fitting["activation_function"] = activation_function
+    if dim_case_embd:
+        fitting["dim_case_embd"] = int(dim_case_embd)
+    desc.update(descriptor or {})
+    return {"type_map": list(type_map), "descriptor": desc, "fitting_net": fitting}
 
 
 def build_random_dpa3(path: str, seed: int = 0, type_map: list[str] | tuple = ("H", "O"),
-                      reference_energies: dict | None = None, heads: list[str] | None = None, **hypers) -> str:
-    """A small randomly initialised DPA-3 energy model, saved as a deepmd training checkpoint ``path`` (``.pt``).
+                      reference_energies: dict | None = None, heads: list[str] | None = None,
+                      shared: bool = False, **hypers) -> str:
+    """A randomly initialised DPA-3 energy model, saved as a deepmd training checkpoint ``path`` (``.pt``).
 
     The model comes from deepmd-kit's own config normalisation (``model_args``) and
     ``get_model``; the file is what deepmd's trainer writes (``{"model": ModelWrapper.state_dict()}``,
     model parameters in ``_extra_state``), so ``DeepPot`` loads it. ``reference_energies``
     (eV per atom, by element symbol) go into the atomic model's ``out_bias``, and a seeded
     random offset into the fitting net's ``bias_atom_e``, so the readout's per-type shift is
-    exercised. With ``heads``, the file is a multi-task checkpoint with one randomly
-    initialised model per head (seeds ``seed``, ``seed + 1`` ...), like DPA-3.1-3M's branches.
-    Runs in the ``dpa`` environment.
+    exercised. ``hypers`` go to :func:`dpa3_config`.
+
+    With ``heads``, the file is a multi-task checkpoint with one branch per head. Without
+    ``shared``, each branch is a separate random model (seeds ``seed``, ``seed + 1`` ...). With
+    ``shared``, the branches are laid out as DPA-3.1-3M's are, by deepmd's multi-task trainer's
+    own steps: a ``shared_dict`` with one descriptor and one fitting net that every branch of
+    ``model_dict`` names (``preprocess_shared_params``), the fitting net's case embedding set
+    per branch (``get_model_for_wrapper``, one-hot over ``dim_case_embd`` in sorted head
+    order; ``dim_case_embd`` must be given) and the parameters linked
+    (``ModelWrapper.share_params``); each branch keeps its own ``bias_atom_e`` (seed
+    ``seed + k``) and ``out_bias``. Runs in the ``dpa`` environment.
     """
     import copy
 
@@ -182,12 +218,7 @@ def build_random_dpa3(path: str, seed: int = 0, type_map: list[str] | tuple = ("
     from deepmd.pt.train.wrapper import ModelWrapper
     from deepmd.utils.argcheck import model_args
 
-    def one(s: int):
-        raw = dpa3_config(list(type_map), seed=s, **hypers)
-        params = model_args().normalize_value(copy.deepcopy(raw), trim_pattern="_*")
-        model_args().check_value(params, strict=True)
-        torch.manual_seed(s)
-        model = get_model(copy.deepcopy(params))
+    def set_biases(model, s: int):
         am = model.atomic_model
         gen = torch.Generator().manual_seed(s)
         with torch.no_grad():
@@ -198,9 +229,38 @@ def build_random_dpa3(path: str, seed: int = 0, type_map: list[str] | tuple = ("
                 for t, symbol in enumerate(type_map):
                     out_bias[am.bias_keys.index(TARGET), t, 0] = float(reference_energies.get(symbol, 0.0))
                 model.set_out_bias(out_bias)
+
+    def one(s: int):
+        raw = dpa3_config(list(type_map), seed=s, **hypers)
+        params = model_args().normalize_value(copy.deepcopy(raw), trim_pattern="_*")
+        model_args().check_value(params, strict=True)
+        torch.manual_seed(s)
+        model = get_model(copy.deepcopy(params))
+        set_biases(model, s)
         return model, params
 
-    if heads:
+    if heads and shared:
+        from deepmd.pt.train.training import get_model_for_wrapper
+        from deepmd.pt.utils.multi_task import preprocess_shared_params
+        from deepmd.utils.argcheck import multi_model_args
+
+        if hypers.get("dim_case_embd", 0) < len(heads):
+            raise ValueError(f"a fitting net shared by {len(heads)} heads needs dim_case_embd >= {len(heads)}")
+        raw = dpa3_config(list(type_map), seed=seed, **hypers)
+        config = {"shared_dict": {"type_map_all": raw["type_map"], "dpa3_descriptor": raw["descriptor"],
+                                  "shared_fitting": raw["fitting_net"]},
+                  "model_dict": {h: {"type_map": "type_map_all", "descriptor": "dpa3_descriptor",
+                                     "fitting_net": "shared_fitting"} for h in heads}}
+        config, links = preprocess_shared_params(config)
+        params = multi_model_args().normalize_value(config, trim_pattern="_*")
+        multi_model_args().check_value(params, strict=True)
+        torch.manual_seed(seed)
+        models = get_model_for_wrapper(params)
+        wrapper = ModelWrapper(models, model_params=params)
+        wrapper.share_params(links, model_key_prob_map={h: 1.0 / len(heads) for h in heads}, resume=True)
+        for k, head in enumerate(heads):
+            set_biases(wrapper.model[head], seed + k)
+    elif heads:
         models, params = {}, {"model_dict": {}}
         for k, head in enumerate(heads):
             models[head], params["model_dict"][head] = one(seed + k)
