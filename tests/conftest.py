@@ -44,6 +44,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.training)
 
 
+def squeezed_crystals() -> list:
+    """Compressed crystals: Cu-Cu and Na-Cl pairs inside the sum of covalent radii, so ZBL is on."""
+    from ase.build import bulk
+
+    out = [bulk("Cu", "fcc", a=2.9), bulk("NaCl", "rocksalt", a=4.2).repeat((1, 1, 2))]
+    for i, atoms in enumerate(out):
+        atoms.rattle(stdev=0.02, seed=i)
+        atoms.info["structure_id"] = f"squeezed-{i}"
+    return out
+
+
 def offline_panel() -> list[str]:
     """Registered models whose weights ship inside a wheel (loadable offline)."""
     return sorted(k for k, s in load_registry(derived=False).items() if s.source["kind"] == "wheel")

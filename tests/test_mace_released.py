@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import transformed_variants
+from conftest import squeezed_crystals, transformed_variants
 
 from umlip_latents.extract import extract_features
 from umlip_latents.families import get_family
@@ -131,17 +131,6 @@ def _spec(case: str, head: str | None) -> ModelSpec:
     return ModelSpec(**{**spec.to_dict(), "options": {**spec.options, "head": head}})
 
 
-def _squeezed():
-    """Compressed crystals: Cu-Cu and Na-Cl pairs inside the sum of covalent radii, so ZBL is on."""
-    from ase.build import bulk
-
-    out = [bulk("Cu", "fcc", a=2.9), bulk("NaCl", "rocksalt", a=4.2).repeat((1, 1, 2))]
-    for i, atoms in enumerate(out):
-        atoms.rattle(stdev=0.02, seed=i)
-        atoms.info["structure_id"] = f"squeezed-{i}"
-    return out
-
-
 @pytest.fixture(scope="module")
 def features(checkpoints, crystals):
     """``get(case, head, layer) -> (FeatureSet, maps, n)``: :func:`transformed_variants` of ``crystals``
@@ -151,7 +140,7 @@ def features(checkpoints, crystals):
     def get(case, head, layer):
         if (case, head, layer) not in cache:
             structures, maps = transformed_variants(crystals)
-            fs = extract_features(_spec(case, head), structures + _squeezed(), layer=layer, device="cpu")
+            fs = extract_features(_spec(case, head), structures + squeezed_crystals(), layer=layer, device="cpu")
             cache[case, head, layer] = (fs, maps, len(structures))
         return cache[case, head, layer]
 
@@ -202,7 +191,7 @@ def test_energy_reread_equals_mace_calculator(features, checkpoints, crystals, c
     fs, _, n_variants = features(case, head, "last")
     assert fs.meta["model"] == CASES[case][0]
     rows = list(range(len(crystals))) + [n_variants, n_variants + 1]  # the crystals and the squeezed ones
-    _check_energies(fs, _calculator(checkpoints, case, head), rows, list(crystals) + _squeezed(), f"{case}/{head}")
+    _check_energies(fs, _calculator(checkpoints, case, head), rows, list(crystals) + squeezed_crystals(), f"{case}/{head}")
     squeezed = np.isin(fs.structure_index, rows[-2:])
     assert (fs.values[squeezed, -1] > 1e-3).all(), "the squeezed crystals must switch the ZBL column on"
     # the readout is not trivially satisfied: shifting the features changes the energy

@@ -35,6 +35,7 @@ import subprocess
 
 import numpy as np
 import pytest
+from conftest import squeezed_crystals
 from conftest import test_cache_dir as cache_dir  # aliased: pytest would collect test_*
 
 from umlip_latents.extract import extract_features
@@ -88,21 +89,10 @@ def models(request):
     return get
 
 
-def _squeezed():
-    """Compressed crystals: neighbours inside the sum of covalent radii, so ZBL is on."""
-    from ase.build import bulk
-
-    out = [bulk("Cu", "fcc", a=2.9), bulk("NaCl", "rocksalt", a=4.2).repeat((1, 1, 2))]
-    for i, atoms in enumerate(out):
-        atoms.rattle(stdev=0.02, seed=i)
-        atoms.info["structure_id"] = f"squeezed-{i}"
-    return out
-
-
 @pytest.fixture(scope="module")
 def structures(crystals):
     """The crystals and the squeezed crystals, then a 2x1x1 supercell of each (same order)."""
-    base = list(crystals) + _squeezed()
+    base = list(crystals) + squeezed_crystals()
     supers = []
     for atoms in base:
         s = atoms.repeat((2, 1, 1))
@@ -146,7 +136,7 @@ def test_energy_reread_equals_orb_calculator(results, structures, name):
     assert err.max() <= ENERGY_TOL, f"{name}: re-read vs ORBCalculator {err.max():.2e} eV/atom " \
         f"({fs.structure_ids[int(err.argmax())]})"
     assert (np.abs(fs.energy - ref) / n).max() <= ENERGY_TOL
-    squeezed = [fs.structure_ids.index(s.info["structure_id"]) for s in _squeezed()]
+    squeezed = [fs.structure_ids.index(s.info["structure_id"]) for s in squeezed_crystals()]
     assert (fs.values[np.isin(fs.structure_index, squeezed), -1] > 1e-3).all(), "ZBL must be on when squeezed"
 
 
