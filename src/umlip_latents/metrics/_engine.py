@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 
 import numpy as np
+
+from ..threads import one_cpu_thread
 
 #: Ridge2FoldCV alphas of skmatter's reconstruction measures (relative alphas must be < 1).
 DEFAULT_ALPHAS = np.geomspace(1e-9, 0.9, 20)
@@ -334,30 +335,6 @@ def _neighbour_order(X_train, X_test, k: int):
     return torch.cat(parts)
 
 
-@contextlib.contextmanager
-def _one_cpu_thread(device):
-    """Run many small CPU factorisations on one thread (restored afterwards).
-
-    LFRE's local fits are thousands of tiny (k x D) problems: on CPU, BLAS and torch
-    threads only add synchronisation, and on a loaded machine they made the fits 10-20x
-    slower. GPU runs are left alone.
-    """
-    import torch
-
-    if getattr(device, "type", str(device)) != "cpu":
-        yield
-        return
-    from threadpoolctl import threadpool_limits
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with threadpool_limits(1):
-            yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _clamp_local_points(ks, n_train: int, stacklevel: int) -> list:
     """Neighbour counts ``ks`` capped at ``n_train``, with a :class:`LocalPointsWarning` if any was above."""
     if min(ks) < 2:
@@ -378,7 +355,7 @@ def _local_errors(X_train, X_test, Y_train, Y_test, widths, ks, *, alphas, alpha
     (pointing at the caller of the function that called this one).
     """
     ks = _clamp_local_points(ks, len(X_train), stacklevel=3)
-    with _one_cpu_thread(X_train.device):
+    with one_cpu_thread(X_train.device):
         return _local_errors_impl(X_train, X_test, Y_train, Y_test, widths, ks, alphas=alphas,
                                   alpha_type=alpha_type, random_state=random_state, batch_size=batch_size)
 
