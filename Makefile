@@ -17,7 +17,7 @@ PY := $(VENV)/bin/python
 # the offline panel: registered models whose weights ship inside a wheel (read from the registry after setup)
 PANEL = $(shell $(VENV)/bin/umlip-latents models keys --source wheel)
 
-.PHONY: setup run extract notebooks smoke-notebooks test test-fast print-family-envs benchmark benchmark-reference clean-envs book book-notebooks book-js book-html \
+.PHONY: setup run extract notebooks smoke-notebooks test test-fast test-slow print-family-envs benchmark benchmark-reference clean-envs book book-notebooks book-js book-html \
         test-browser
 
 setup: $(VENV)/.stamp $(foreach e,$(FAMILY_ENVS),$(ENVS)/$(e)/.stamp)
@@ -72,6 +72,11 @@ print-family-envs:
 # main-environment unit tests only: no family environment, no model training, no notebooks (< 3 min)
 test-fast: $(VENV)/.stamp
 	$(VENV)/bin/python -m pytest -q -m "not slow and not gpu and not browser and not envs and not training" tests
+
+# the slow-marked tests, left out of `make test` (released-size models: DPA-3.1-3M's 16 repflow layers,
+# UMA-S-1.1 at 147 M parameters and its 1.2 GB file, uPET/PET-MAD at full width; about 10 min on 2 cores)
+test-slow: setup
+	$(VENV)/bin/python -m pytest -q --durations=15 -m slow tests
 
 test: setup
 	@mkdir -p .cache && $(TREE_STATE) > $(TREE_BEFORE)
