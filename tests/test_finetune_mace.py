@@ -89,11 +89,14 @@ def test_ff_trains_and_rereads_energy(base, ff, data):
     n_atoms = np.array([len(a) for a in structs])
     np.testing.assert_allclose(fs.reread_energy() / n_atoms, fs.energy / n_atoms, atol=1e-5)
     assert [s.derived["epoch"] for s in ff.epochs] == [1, 2]
-    assert [h["epoch"] for h in ff.history] == [1, 2]
-    assert all(np.isfinite(h["valid_rmse_e_per_atom"]) and np.isfinite(h["train_loss"]) for h in ff.history)
+    assert [h["epoch"] for h in ff.history] == [0, 1, 2]  # epoch 0: mace's evaluation before training
+    assert ff.history[0]["train_loss"] is None and np.isfinite(ff.history[0]["valid_loss"])
+    assert all(np.isfinite(h["valid_rmse_e_per_atom"]) and np.isfinite(h["train_loss"]) for h in ff.history[1:])
+    valid = [h["valid_loss"] for h in ff.history[1:]]
+    assert ff.best_epoch == int(np.argmin(valid)) + 1 and ff.final == ff.epochs[ff.best_epoch - 1]
 
 
-def test_epoch_models_differ_and_last_is_final(ff):
+def test_epoch_models_differ_and_last_is_maces(ff):
     first, last = _state(ff.epochs[0]), _state(ff.epochs[-1])
     assert any(not np.array_equal(first[k].numpy(), last[k].numpy()) for k in first)
     final = ff.workdir / "run.model"
@@ -103,18 +106,42 @@ def test_epoch_models_differ_and_last_is_final(ff):
     assert all(np.array_equal(ref[k].numpy(), last[k].numpy()) for k in ref)
 
 
+def test_e0s_refit_on_the_training_split(base, ff, tmp_path, data):
+    """With refit_offsets (the default) the E0s of the training elements move and the others stay; without, all stay."""
+    from umlip_latents.extract import load_adapter
+
+    key = "atomic_energies_fn.atomic_energies"
+    zs = [int(z) for z in load_adapter(base, device="cpu").z_table]
+    seen = {int(z) for a in data["train"] for z in a.numbers}
+    before = _state(base)[key].numpy().ravel()
+    after = _state(ff.final)[key].numpy().ravel()
+    moved = {z for z, b, a in zip(zs, before, after) if b != a}
+    assert moved and moved <= seen
+    kept = _run(base, data, "ff", tmp_path / "foundation", refit_offsets=False)
+    assert kept.final.derived["run"] != ff.final.derived["run"]
+    assert np.array_equal(_state(kept.final)[key].numpy().ravel(), before)
+
+
+def test_mace_patience_stops_on_a_plateau(base, data, tmp_path):
+    """lr = 0: the validation loss never falls after epoch 1, so mace's --patience 1 stops after epoch 2."""
+    run = _run(base, data, "ff", tmp_path / "stop", lr=0.0, epochs=5, patience=1, refit_offsets=False)
+    assert run.stopped_early and len(run.epochs) == 2 and run.best_epoch == 1
+    assert run.final == run.epochs[0] and [h["epoch"] for h in run.history] == [0, 1, 2]
+
+
 def test_hf_freezes_backbone(base, data, tmp_path):
     from umlip_latents.finetune.mace import FROZEN_PREFIXES
 
     hf = _run(base, data, "hf", tmp_path / "hf")
-    before, after = _state(base), _state(hf.final)
+    before, after = _state(base), _state(hf.epochs[-1])
     frozen = [k for k in before if k.startswith(FROZEN_PREFIXES)]
     readout = [k for k in before if k.startswith("readouts.")]
     assert frozen and readout
     for k in frozen:
         assert np.array_equal(before[k].numpy(), after[k].numpy()), k
     assert any(not np.array_equal(before[k].numpy(), after[k].numpy()) for k in readout)
-    for k in set(before) - set(readout):  # nothing else moves (scale/shift may gain a head axis)
+    offsets = {"atomic_energies_fn.atomic_energies"}  # refitted by mace (--E0s estimated), not trained
+    for k in set(before) - set(readout) - offsets:  # nothing else moves (scale/shift may gain a head axis)
         assert np.array_equal(before[k].numpy().ravel(), after[k].numpy().ravel()), k
 
 

@@ -89,6 +89,8 @@ def train_mace(structures: list, workdir: str | os.PathLike, seed: int = 0, *, n
     timeout
         Seconds before the run is stopped.
 
+    The run gets ``OMP_NUM_THREADS=1`` unless the environment sets it.
+
     Returns
     -------
     Path
@@ -134,9 +136,11 @@ def train_mace(structures: list, workdir: str | os.PathLike, seed: int = 0, *, n
     if stress:
         args += ["--stress_key", STRESS_KEY, "--compute_stress", "True"]
     args += [str(a) for a in extra_args]
+    # small graphs: torch threads only add synchronisation (and slow down a loaded machine several-fold)
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     started = time.time()
     try:
-        proc = subprocess.run(args, cwd=workdir, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(args, cwd=workdir, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired as exc:
         out = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
         raise RuntimeError(f"mace_run_train timed out after {timeout} s; log tail:\n"

@@ -8,17 +8,34 @@ Protocols (as in arXiv:2512.05717, section "fine-tuning"):
     the backbone is frozen; only the readout (energy head) is trained.
 ``"newhead"``  new head / transfer
     MACE: multi-head fine-tuning with replay of pretraining data (``mace_run_train
-    --multiheads_finetuning``; the features are those of the new head). CHGNet: the readout
-    MLP is re-initialised and the whole model is trained.
+    --multiheads_finetuning``; the features are those of the new head). CHGNet: a new linear
+    energy readout (the layer the last-layer features are read by), set by linear probing on
+    the new data, then the whole model is trained (LP-FT).
 ``"bespoke"``
     a model of the same architecture trained from scratch on the same data.
 
 Every run trains with the family's own trainer (CHGNet's ``Trainer``, mace-torch's
-``mace_run_train``), with the same epoch budget and seed across protocols, and writes its
-final and per-epoch checkpoints under :func:`umlip_latents.paths.finetune_dir` together with
-a ``models.yml`` that registers them as derived models (parent, protocol, data hash, epoch):
-features of a fine-tuned model are extracted and cached like those of any other model. A
-run is keyed by a hash of everything that can change it and is reused when it exists.
+``mace_run_train``), with the same epoch cap, early-stopping patience and seed across
+protocols:
+
+- **offsets**: with ``refit_offsets`` (the default) the per-element energy offsets are refitted
+  on the training split before training, as each family's own fine-tuning recipe does when
+  the new data's reference energies differ from the pretraining data's (CHGNet: its AtomRef,
+  by least squares on the base's residuals; MACE: ``--E0s estimated``). Bespoke models fit
+  their offsets from scratch in any case.
+- **early stopping**: after every epoch the validation loss (the training objective on the
+  validation split) is compared with the best so far; after ``patience`` epochs without
+  improvement training stops (:class:`EarlyStopping`, the rule of ``mace_run_train
+  --patience``), and at the latest after ``epochs`` epochs. The **final model is the epoch
+  with the lowest validation loss**.
+- **history**: one record per epoch (epoch 0: the validation errors of the starting model)
+  with train and validation loss and energy/force RMSE, for learning curves.
+
+The per-epoch checkpoints go under :func:`umlip_latents.paths.finetune_dir` with a
+``models.yml`` that registers every one as a derived model (parent, protocol, data hash,
+epoch): features of a fine-tuned model are extracted and cached like those of any other
+model. A run is keyed by a hash of everything that can change it (patience and offset refit
+included) and is reused when it exists.
 """
 
 from __future__ import annotations
@@ -39,6 +56,7 @@ from ..datasets import structures_hash
 from ..errors import DatasetError, UnsupportedElement
 from ..families import source_digest
 from ..registry import ModelSpec, get_spec, validate
+from ..threads import one_cpu_thread
 
 PROTOCOLS = ("ff", "hf", "newhead", "bespoke")
 LABELS = {
@@ -53,16 +71,24 @@ LABELS = {
 SHORT = {"ff": "FF", "hf": "HF", "newhead": "new head", "bespoke": "bespoke"}
 BACKENDS = ("chgnet", "mace")
 #: bump when a backend changes what a run produces, so cached runs are not reused
-RUN_FORMAT = 1
+RUN_FORMAT = 2
+#: columns of a run's history, in the units they are stored in (``None`` where a trainer does not report it)
+HISTORY_COLUMNS = ("epoch", "train_loss", "valid_loss", "train_rmse_e_per_atom", "valid_rmse_e_per_atom",
+                   "train_rmse_f", "valid_rmse_f")
 
 
 @dataclass
 class FinetuneResult:
     """One training run.
 
-    ``final`` is the derived model of the last epoch, ``epochs[i]`` that of epoch ``i + 1``
-    (``epochs[-1]`` is ``final``); ``history`` has one row per epoch (losses/MAEs as the
-    family's trainer reports them).
+    ``epochs[i]`` is the derived model of epoch ``i + 1`` (every epoch trained, up to the
+    early stop); ``final`` is the one with the lowest validation loss (epoch
+    ``best_epoch``); ``stopped_early`` says whether patience ran out before the epoch cap.
+    ``history`` has one record per epoch from 0 (the starting model, validation only) with
+    the keys of :data:`HISTORY_COLUMNS`: ``*_loss`` the family's training objective,
+    ``*_rmse_e_per_atom`` in meV/atom, ``*_rmse_f`` in meV/Å (``train_*``: running means over
+    the epoch's batches; ``None`` where the trainer reports none), plus what else the trainer
+    logs. :meth:`history_frame` gives it as a table.
     """
 
     backend: str
@@ -75,6 +101,66 @@ class FinetuneResult:
     seconds: float
     reused: bool = False
     settings: dict = field(default_factory=dict)
+    best_epoch: int = 0
+    stopped_early: bool = False
+
+    def history_frame(self):
+        """``history`` as a pandas DataFrame indexed by epoch (columns :data:`HISTORY_COLUMNS` first)."""
+        import pandas as pd
+
+        frame = pd.DataFrame(self.history)
+        cols = [c for c in HISTORY_COLUMNS if c in frame] + [c for c in frame if c not in HISTORY_COLUMNS]
+        return frame[cols].set_index("epoch").astype(float)
+
+
+class EarlyStopping:
+    """Validation-based early stopping: stop after ``patience`` epochs without improvement.
+
+    An epoch improves when its value is lower than every earlier one (a NaN never does),
+    the rule of ``mace_run_train --patience``. ``patience=None`` never stops.
+
+    Examples
+    --------
+    >>> stop = EarlyStopping(patience=2)
+    >>> [stop.update(v) for v in (3.0, 2.0, 2.5, 2.0)]
+    [False, False, False, True]
+    >>> stop.best_epoch, stop.best
+    (2, 2.0)
+    """
+
+    def __init__(self, patience: int | None = None):
+        if patience is not None and patience < 1:
+            raise ValueError(f"patience must be >= 1 or None, got {patience}")
+        self.patience = patience
+        self.best = float("inf")
+        self.best_epoch = 0  # 1-based; 0 until an epoch gave a finite value
+        self.epoch = 0
+        self.bad_epochs = 0
+
+    def update(self, value: float) -> bool:
+        """Record the next epoch's validation value; True when training should stop now."""
+        self.epoch += 1
+        if value < self.best:  # False for NaN
+            self.best, self.best_epoch, self.bad_epochs = float(value), self.epoch, 0
+        else:
+            self.bad_epochs += 1
+        return self.patience is not None and self.bad_epochs >= self.patience
+
+
+def best_epoch(values, patience: int | None = None) -> tuple[int, int]:
+    """Where :class:`EarlyStopping` stops on per-epoch ``values`` and which epoch it keeps.
+
+    Returns
+    -------
+    (stop, best) : tuple of int
+        1-based epoch after which training stops (``len(values)`` when patience never runs
+        out) and 1-based epoch of the lowest value up to it (0 when none is finite).
+    """
+    stop = EarlyStopping(patience)
+    for value in values:
+        if stop.update(value):
+            break
+    return stop.epoch, stop.best_epoch
 
 
 def split_structures(structures: list, fractions=(0.7, 0.15, 0.15), seed: int = 0) -> dict[str, list]:
@@ -200,8 +286,8 @@ def derived_spec(base: ModelSpec, key: str, checkpoint: Path, protocol: str, dat
 
 def finetune(backend: str, base_model: str | ModelSpec, train: list, valid: list, protocol: str = "ff", *,
              epochs: int = 2, lr: float = 1e-3, seed: int = 0, device: str = "cpu", batch_size: int = 4,
-             data_label: str = "fine-tuning data", workdir: str | os.PathLike | None = None,
-             recompute: bool = False, **options) -> FinetuneResult:
+             patience: int | None = None, refit_offsets: bool = True, data_label: str = "fine-tuning data",
+             workdir: str | os.PathLike | None = None, recompute: bool = False, **options) -> FinetuneResult:
     """Train ``base_model`` on ``train`` with ``protocol`` and register the checkpoints.
 
     Parameters
@@ -215,8 +301,15 @@ def finetune(backend: str, base_model: str | ModelSpec, train: list, valid: list
         Labelled structures (``info["energy"]`` in eV, ``arrays["forces"]`` in eV/Å).
     protocol : {"ff", "hf", "newhead", "bespoke"}
     epochs, lr, seed, batch_size
-        The same for every protocol of a comparison; ``seed`` fixes initialisation (bespoke,
-        new heads), shuffling and dropout.
+        The same for every protocol of a comparison: ``epochs`` is the epoch cap (the learning
+        rate schedule spans it), ``seed`` fixes initialisation (bespoke, new heads), shuffling
+        and dropout.
+    patience
+        Stop after this many epochs without a lower validation loss (``None``: train all
+        ``epochs``). The final model is the best-validation epoch either way.
+    refit_offsets
+        Refit the per-element energy offsets on ``train`` before fine-tuning (see the module
+        docstring); bespoke models fit theirs regardless.
     data_label
         Name of the data in the derived models' ``training_data``.
     workdir
@@ -236,6 +329,7 @@ def finetune(backend: str, base_model: str | ModelSpec, train: list, valid: list
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
+    EarlyStopping(patience)  # validates it
     base = get_spec(base_model)
     if base.family != backend:
         raise ValueError(f"base model {base.key} is a {base.family} model; backend {backend!r} cannot train it")
@@ -245,7 +339,8 @@ def finetune(backend: str, base_model: str | ModelSpec, train: list, valid: list
 
     data_sha = structures_hash(list(train) + list(valid))
     settings = {"backend": backend, "base": base.to_dict(), "protocol": protocol, "epochs": epochs, "lr": lr,
-                "seed": seed, "device": device.split(":")[0], "batch_size": batch_size,
+                "seed": seed, "device": device.split(":")[0], "batch_size": batch_size, "patience": patience,
+                "refit_offsets": bool(refit_offsets),
                 "train": structures_hash(train), "valid": structures_hash(valid),
                 "labels": training_labels_hash(list(train) + list(valid)), "options": _options_identity(options),
                 "versions": module.versions()}
@@ -259,17 +354,23 @@ def finetune(backend: str, base_model: str | ModelSpec, train: list, valid: list
     folder.mkdir(parents=True)
     start = time.perf_counter()
     out = module.train(base, train, valid, protocol, epochs=epochs, lr=lr, seed=seed, device=device,
-                       batch_size=batch_size, workdir=folder, **options)
+                       batch_size=batch_size, workdir=folder, patience=patience, refit_offsets=refit_offsets,
+                       **options)
     seconds = time.perf_counter() - start
-    if len(out.epoch_checkpoints) != epochs:
-        raise RuntimeError(f"run {run}: {len(out.epoch_checkpoints)} epoch checkpoints for {epochs} epochs")
+    trained = len(out.epoch_checkpoints)
+    if not 1 <= trained <= epochs or not 1 <= out.best_epoch <= trained:
+        raise RuntimeError(f"run {run}: {trained} epoch checkpoints (cap {epochs}), best epoch {out.best_epoch}")
+    if trained < epochs and not out.stopped_early:
+        raise RuntimeError(f"run {run}: {trained} of {epochs} epochs trained without an early stop")
     specs = [derived_spec(base, f"{run}-e{e}", path, protocol, data_sha, e, run, len(train), data_label,
                           out.options) for e, path in enumerate(out.epoch_checkpoints, start=1)]
     with open(folder / "models.yml.tmp", "w") as fh:
         yaml.safe_dump([s.to_dict() for s in specs], fh, sort_keys=False)
     os.replace(folder / "models.yml.tmp", folder / "models.yml")
     record = {"backend": backend, "protocol": protocol, "base": base.key, "run": run, "seconds": seconds,
-              "history": out.history, "models": [s.key for s in specs], "settings": settings}
+              "best_epoch": out.best_epoch, "stopped_early": bool(out.stopped_early),
+              "history": [{k: row.get(k) for k in HISTORY_COLUMNS} | row for row in out.history],
+              "models": [s.key for s in specs], "settings": settings}
     with open(folder / "run.json.tmp", "w") as fh:
         json.dump(record, fh, indent=1, default=str)
     os.replace(folder / "run.json.tmp", manifest)  # written last: a run without it is unfinished
@@ -278,10 +379,12 @@ def finetune(backend: str, base_model: str | ModelSpec, train: list, valid: list
 
 @dataclass
 class BackendOutput:
-    """What a backend's ``train`` returns: one checkpoint per epoch (last = final)."""
+    """What a backend's ``train`` returns: one checkpoint per epoch trained and the best epoch (1-based)."""
 
     epoch_checkpoints: list[Path]
     history: list[dict]
+    best_epoch: int
+    stopped_early: bool = False
     options: dict | None = None  # registry options of the derived models (e.g. MACE head)
 
 
@@ -313,9 +416,11 @@ def _result_from_manifest(manifest: Path, reused: bool) -> FinetuneResult:
     record = json.loads(manifest.read_text())
     with open(manifest.parent / "models.yml") as fh:
         specs = [validate(raw, str(manifest.parent)) for raw in yaml.safe_load(fh)]
+    best = int(record.get("best_epoch") or len(specs))
     return FinetuneResult(backend=record["backend"], protocol=record["protocol"], base=record["base"],
-                          final=specs[-1], epochs=specs, history=record["history"], workdir=manifest.parent,
-                          seconds=record["seconds"], reused=reused, settings=record["settings"])
+                          final=specs[best - 1], epochs=specs, history=record["history"], workdir=manifest.parent,
+                          seconds=record["seconds"], reused=reused, settings=record["settings"], best_epoch=best,
+                          stopped_early=bool(record.get("stopped_early")))
 
 
 def _backend(name: str):
@@ -339,12 +444,13 @@ def evaluate(model: str | ModelSpec, structures: list, device: str = "cpu") -> d
     adapter = load_adapter(model, device=device)
     calc = adapter.calculator()
     de, df = [], []
-    for atoms in structures:
-        a = atoms.copy()
-        a.calc = calc
-        de.append((a.get_potential_energy() - atoms.info["energy"]) / len(atoms))
-        if "forces" in atoms.arrays:
-            df.append((a.get_forces() - atoms.arrays["forces"]).ravel())
+    with one_cpu_thread(device):
+        for atoms in structures:
+            a = atoms.copy()
+            a.calc = calc
+            de.append((a.get_potential_energy() - atoms.info["energy"]) / len(atoms))
+            if "forces" in atoms.arrays:
+                df.append((a.get_forces() - atoms.arrays["forces"]).ravel())
     de = np.asarray(de)
     df = np.concatenate(df) if df else np.array([np.nan])
     return {"energy_rmse": 1000 * float(np.sqrt(np.mean(de**2))), "force_rmse": 1000 * float(np.sqrt(np.mean(df**2))),

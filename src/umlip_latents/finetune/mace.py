@@ -1,8 +1,8 @@
 """MACE back end of :func:`umlip_latents.finetune.finetune`, run with mace-torch's ``mace_run_train``.
 
 Every protocol is one ``mace_run_train`` run (through :func:`umlip_latents.training.train_mace`)
-in the run folder, in float64, with the run's ``--seed``, ``--lr``, ``--batch_size`` and
-``--max_num_epochs``, on our own train/valid split (``--valid_file``):
+in the run folder, in float64, with the run's ``--seed``, ``--lr``, ``--batch_size``,
+``--max_num_epochs`` (the epoch cap), on our own train/valid split (``--valid_file``):
 
 ``"ff"``
     ``--foundation_model <base> --multiheads_finetuning False``: every weight trains.
@@ -20,8 +20,17 @@ in the run folder, in float64, with the run's ``--seed``, ``--lr``, ``--batch_si
     a model with the base's architecture (class, channels, L, cutoff, radial basis,
     interactions, correlation, readout MLP), initialised from ``--seed``, no foundation.
 
-E0s: ``"foundation"`` for the three fine-tuning protocols (the base's isolated-atom
-energies, so that the fine-tuned model starts as the base), ``"average"`` for bespoke. The
+E0s: ``"foundation"`` for the fine-tuning protocols (the base's isolated-atom energies, so
+that the fine-tuned model starts as the base), ``"average"`` for bespoke. With
+``refit_offsets`` the E0s are first refitted on the training split, as mace's
+``--E0s estimated`` does (the base's E0s plus the per-element least-squares correction of
+its residuals): for ``ff``/``hf`` by :func:`refit_e0s`, which writes a copy of the base with
+the refitted E0s that is then the ``--foundation_model`` (mace-torch 0.3.16 computes
+``estimated`` E0s but then copies the foundation's ``atomic_energies`` buffer over them
+whenever the shapes match, i.e. for a single-head fine-tune with
+``--foundation_model_elements``, and it zeroes the E0s of the elements absent from the
+training file); for ``newhead`` by ``--E0s estimated`` for the new head (the two-head buffer
+is not overwritten) while the replay head keeps the base's. The
 fine-tuning protocols use ``--foundation_model_elements True`` so that the fine-tuned model
 keeps the base's element table (otherwise mace drops the unused elements *and* rescales the
 embedding by ``sqrt(n_base / n_kept)``, which changes every feature).
@@ -29,9 +38,14 @@ embedding by ``sqrt(n_base / n_kept)``, which changes every feature).
 Checkpoints: mace saves a checkpoint only when the validation loss improves and deletes
 the previous one; ``--save_all_checkpoints --keep_checkpoints`` make it keep one per epoch
 (mace numbers them from 0). Each holds a state dict; the model of epoch ``e`` is rebuilt
-from the final ``.model`` and that state dict and saved as ``epochs/epoch-{e:03d}.model``.
-SWA/stage two and EMA are off, so the final ``.model`` (mace's latest checkpoint) is the
-last epoch's weights; the rebuild is checked against it.
+from mace's ``.model`` and that state dict and saved as ``epochs/epoch-{e:03d}.model``.
+SWA/stage two and EMA are off, so mace's ``.model`` (its latest checkpoint) is the last
+epoch's weights; the rebuild is checked against it. The run's final model is the epoch of
+lowest validation loss of the new data's head (mace's log, ``results/*_train.txt``) up to
+where :class:`umlip_latents.finetune.EarlyStopping` stops; the epochs after that stop are
+dropped. (mace-torch 0.3.16's own ``--patience`` logs "Stopping optimization" but only acts
+in distributed runs, so a serial run always trains to the cap: early stopping here gives the
+run early stopping would have made, not the time it would have saved.)
 
 Options of :func:`train`
 ------------------------
@@ -166,6 +180,38 @@ def architecture(model) -> dict:
             "extra": [str(a) for a in extra]}
 
 
+def refit_e0s(base: ModelSpec, structures: list, path: str | Path) -> Path:
+    """Write a copy of the base model with its E0s refitted to ``structures``; return its path.
+
+    The correction is the per-element least-squares fit of the residual (DFT energy minus the
+    base's prediction) to the element counts, added to the base's E0s (mace's
+    ``--E0s estimated``); elements absent from ``structures`` keep theirs. Every head's E0s
+    get the same correction.
+    """
+    from ..extract import load_adapter
+
+    torch = _torch()
+    model = _base_model(base)
+    calc = load_adapter(base, device="cpu").calculator()
+    zs = [int(z) for z in model.atomic_numbers]
+    counts = np.zeros((len(structures), len(zs)))
+    residual = np.zeros(len(structures))
+    for i, atoms in enumerate(structures):
+        a = atoms.copy()
+        a.calc = calc
+        residual[i] = float(atoms.info["energy"]) - a.get_potential_energy()
+        for z in atoms.numbers:
+            counts[i, zs.index(int(z))] += 1
+    present = np.flatnonzero(counts.any(axis=0))
+    correction = np.zeros(len(zs))
+    correction[present] = np.linalg.lstsq(counts[:, present], residual, rcond=None)[0]
+    buffer = model.atomic_energies_fn.atomic_energies
+    with torch.no_grad():
+        buffer += torch.as_tensor(correction, dtype=buffer.dtype)
+    torch.save(model, path)
+    return Path(path)
+
+
 def default_replay(base_elements: set[int], n: int, seed: int) -> list:
     from ..datasets import load_dataset
 
@@ -191,12 +237,13 @@ def _same_weights(a, b) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def _rebuild_epochs(final_path: Path, workdir: Path, epochs: int) -> list[Path]:
+def _rebuild_epochs(final_path: Path, workdir: Path) -> list[Path]:
     torch = _torch()
     ckpts = _epoch_checkpoints(workdir)
+    epochs = max(ckpts, default=0)
     missing = [e for e in range(1, epochs + 1) if e not in ckpts]
-    if missing:
-        raise RuntimeError(f"mace_run_train in {workdir} left no checkpoint for epochs {missing} "
+    if missing or not epochs:
+        raise RuntimeError(f"mace_run_train in {workdir} left no checkpoint for epochs {missing or [1]} "
                            f"(found {sorted(ckpts)})")
     final = _load(final_path)
     out_dir = workdir / "epochs"
@@ -228,8 +275,9 @@ def read_history(workdir: str | Path, head: str = NEW_HEAD) -> list[dict]:
     Returns
     -------
     list of dict
-        One row per epoch (1-based ``epoch``): ``train_loss`` (mean over the epoch's batches),
-        ``valid_loss``, ``valid_rmse_e_per_atom`` (meV/atom), ``valid_rmse_f`` (meV/Å).
+        One row per epoch (``epoch`` 0: mace's evaluation before any training, then 1-based):
+        ``train_loss`` (mean over the epoch's batches; ``None`` at epoch 0), ``valid_loss``,
+        ``valid_rmse_e_per_atom`` (meV/atom), ``valid_rmse_f`` (meV/Å).
     """
     files = sorted(Path(workdir, "results").glob("*_train.txt"))
     if not files:
@@ -238,9 +286,9 @@ def read_history(workdir: str | Path, head: str = NEW_HEAD) -> list[dict]:
     rows: dict[int, dict] = {}
     for line in files[-1].read_text().splitlines():
         rec = json.loads(line)
-        if rec.get("epoch") is None:
+        if rec.get("mode") not in ("opt", "eval"):
             continue
-        e = int(rec["epoch"]) + 1
+        e = 0 if rec.get("epoch") is None else int(rec["epoch"]) + 1
         if rec.get("mode") == "opt":
             train.setdefault(e, []).append(float(rec["loss"]))
         elif rec.get("mode") == "eval":
@@ -259,7 +307,8 @@ def read_history(workdir: str | Path, head: str = NEW_HEAD) -> list[dict]:
 
 
 def train(base: ModelSpec, train: list, valid: list, protocol: str, *, epochs: int, lr: float, seed: int,
-          device: str, batch_size: int, workdir: str | Path, **options):
+          device: str, batch_size: int, workdir: str | Path, patience: int | None = None,
+          refit_offsets: bool = True, **options):
     """Run one protocol with ``mace_run_train`` in ``workdir``.
 
     Parameters
@@ -273,6 +322,11 @@ def train(base: ModelSpec, train: list, valid: list, protocol: str, *, epochs: i
     epochs, lr, seed, device, batch_size
         ``--max_num_epochs``, ``--lr``, ``--seed``, ``--device`` (without index),
         ``--batch_size``.
+    patience
+        Epochs without a lower validation loss after which the run counts as stopped
+        (``None``: never before ``epochs``; see the module docstring).
+    refit_offsets
+        Refit the E0s on ``train`` first (see the module docstring).
     workdir
         Run folder (exists and is empty).
     **options
@@ -283,7 +337,7 @@ def train(base: ModelSpec, train: list, valid: list, protocol: str, *, epochs: i
     umlip_latents.finetune.BackendOutput
     """
     from ..training import train_mace, write_training_file
-    from . import BackendOutput, check_training_data
+    from . import BackendOutput, best_epoch, check_training_data
 
     unknown = set(options) - {"replay", "n_replay", "timeout"}
     if unknown:
@@ -303,7 +357,9 @@ def train(base: ModelSpec, train: list, valid: list, protocol: str, *, epochs: i
         hyper = {k: arch[k] for k in ("model", "num_channels", "max_L", "r_max", "num_interactions", "correlation")}
         extra += arch["extra"]
     else:
-        e0s = "foundation"
+        e0s = "estimated" if refit_offsets and protocol == "newhead" else "foundation"
+        if refit_offsets and protocol in ("ff", "hf"):
+            base_path = refit_e0s(base, train, workdir / "foundation-refit.model")
         extra += ["--foundation_model", base_path, "--foundation_model_elements", "True"]
         if base.options.get("head"):
             extra += ["--foundation_head", base.options["head"]]
@@ -323,13 +379,20 @@ def train(base: ModelSpec, train: list, valid: list, protocol: str, *, epochs: i
             head = NEW_HEAD
     final = train_mace(list(train), workdir, seed, name=_NAME, max_epochs=epochs, batch_size=batch_size,
                        E0s=e0s, extra_args=extra, timeout=options.get("timeout"), **hyper)
-    checkpoints = _rebuild_epochs(final, workdir, epochs)
+    checkpoints = _rebuild_epochs(final, workdir)
     history = read_history(workdir, head=head or NEW_HEAD)
+    trained = [row for row in history if row["epoch"] >= 1]
+    if len(trained) != len(checkpoints):
+        raise RuntimeError(f"mace_run_train in {workdir}: {len(checkpoints)} checkpoints but {len(trained)} "
+                           "validated epochs in its log")
+    stop, best = best_epoch([row.get("valid_loss", float("nan")) for row in trained], patience)
+    checkpoints, history = checkpoints[:stop], [row for row in history if row["epoch"] <= stop]
     # the derived model is a local file with mace's own heads: drop the base's loader and head
     opts = {k: v for k, v in base.options.items() if k not in ("loader", "head")}
     if head is not None:
         opts["head"] = head
-    return BackendOutput(epoch_checkpoints=checkpoints, history=history, options=opts)
+    return BackendOutput(epoch_checkpoints=checkpoints, history=history, best_epoch=best or len(checkpoints),
+                         stopped_early=len(checkpoints) < epochs, options=opts)
 
 
 def _layers(num_channels: int, num_interactions: int, mlp: int = 16) -> dict:
@@ -371,7 +434,7 @@ def pretrain_base(structures: list, *, seed: int = 0, epochs: int = 20, workdir:
     """
     from ..datasets import structures_hash
     from ..training import train_mace
-    from . import training_labels_hash, check_training_data, derived_spec, run_key
+    from . import check_training_data, derived_spec, run_key, training_labels_hash
 
     check_training_data(list(structures))
     hyper = {"num_channels": 16, "max_L": 1, "r_max": 4.5, "num_interactions": 2, "correlation": 2,
