@@ -155,7 +155,11 @@ def _synthetic_reports():
                                               "4": {"speedup": 9.5, "max_abs_diff": 3e-10, "max_abs_value": 100.0}}}
     memory = {"atoms": 1000, "models": 2, "dim": 4, "inputs_gb": 2.0, "peak_rss_gb": 5.0, "budget_gb": 4.0,
               "seconds": 3.0, "pairs": 4, "finite": True}
-    return {"extraction": extraction, "reconstruction": reconstruction, "pooling": pooling, "memory": memory}
+    scaling = {"settings": {"budget_gb": 4.0}, "equality": {"atoms": 200, "max_rel_diff": 1e-15},
+               "results": [{"atoms": a, "models": 2, "dims": 4, "seconds": a / 100, "peak_rss_gb": 0.5}
+                           for a in (100, 200)]}
+    return {"extraction": extraction, "reconstruction": reconstruction, "pooling": pooling, "memory": memory,
+            "scaling": scaling}
 
 
 def test_summary_numbers_are_recomputed_from_the_report():
@@ -410,3 +414,20 @@ def test_half_written_benchmark_report_is_named(tmp_path):
     (tmp_path / "partial.json").write_text('{"ratio": 2.')
     with pytest.raises(ValueError, match="partial.json"):
         benchmark_report.read_benchmarks(tmp_path)
+
+
+def test_scaling_report_summary_and_curves_come_from_its_rows():
+    rows = [{"atoms": a, "models": 8, "dims": 256, "seconds": s, "peak_rss_gb": m, "inputs_gb": a * 8 * 256 * 4 / 1e9}
+            for a, s, m in ((10_000, 4.0, 0.6), (100_000, 30.0, 0.9), (1_000_000, 280.0, 1.2))]
+    report = {"settings": {"budget_gb": 1.0}, "results": rows,
+              "equality": {"atoms": 100_000, "max_rel_diff": 3e-15, "memory_seconds": 20.0, "memory_peak_rss_gb": 3.0}}
+    lines = benchmark_report.summary("scaling", report)
+    assert "took 4 s at 10,000 atoms and 280 s at 1,000,000 (280 µs per atom" in lines[0]
+    assert "from 0.6 to 1.2 GB" in lines[1] and "over the 1 GB budget" in lines[1]
+    assert "3 × 10⁻¹⁵ relative, within the tolerance of 10⁻⁸" in lines[2]
+    svg = benchmark_report.scaling_svg(report)
+    assert svg.startswith("<svg") and svg.count("<circle") == 6 and "\n\n" not in svg  # one HTML block
+    assert "1,000,000 atoms: 280" in svg and "1,000,000 atoms: 1.2" in svg
+    md = benchmark_report.benchmark_markdown("scaling", report)
+    assert "**Per size**" in md and "<svg" in md
+    assert benchmark_report.scaling_svg({"results": rows[:1]}) == ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from umlip_latents.cli import main
@@ -203,3 +204,34 @@ def test_a_truncated_checkpoint_of_a_derived_model_gives_one_error_line(capsys, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot load" in err[0] and str(ckpt) in err[0], err
     assert [p.name for p in (tmp_path / "store").rglob("*") if ".staging" in p.name] == []
+
+
+def test_matrix_of_stored_features_equals_the_in_memory_engine(capsys, tmp_path, monkeypatch):
+    """`umlip-latents matrix` streams GFRE/GFRD off the store, LFRE in memory, and names what is missing."""
+    import pandas as pd
+
+    from umlip_latents.metrics import reconstruction_matrix
+    from umlip_latents.store import entry_dir, read_entry
+
+    monkeypatch.setenv("UMLIP_LATENTS_STORE", str(tmp_path / "store"))
+    base = ["--dataset", "mpf-alkali-tp", "--limit", "6"]
+    assert main(["matrix", *base, "--models", "chgnet-0.3.0", "diep", "--out", str(tmp_path / "m.parquet")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no stored last features of chgnet-0.3.0" in err[0] and "umlip-latents extract" in err[0]
+    for model in ("chgnet-0.3.0", "diep"):
+        assert main(["extract", *base, "--model", model, "--device", "cpu", "--quiet"]) == 0
+    out = tmp_path / "m.parquet"
+    assert main(["matrix", *base, "--models", "chgnet-0.3.0", "diep", "--metric", "gfre", "gfrd", "lfre",
+                 "--test-size", "0.5", "--chunk-rows", "7", "--device", "cpu", "--out", str(out)]) == 0
+    assert "2 models x 3 metric(s)" in capsys.readouterr().out
+    got = pd.read_parquet(out)
+    feats = {m: read_entry(entry_dir("mpf-alkali-tp-n6-s0", m, "last")) for m in ("chgnet-0.3.0", "diep")}
+    ref = reconstruction_matrix(feats, ["gfre", "gfrd", "lfre"], test_size=0.5, device="cpu")
+    merged = ref.merge(got, on=["source", "target", "metric"], suffixes=("_ref", ""))
+    assert len(merged) == len(ref) == 12
+    # real float32 features of a few dozen atoms are rank-deficient: 1e-6 on the metric's scale
+    np.testing.assert_allclose(merged.value, merged.value_ref, rtol=1e-6, atol=1e-6)
+    assert main(["matrix", *base, "--models", "diep", "diep", "--out", str(out)]) == 2
+    assert "twice" in capsys.readouterr().err
+    assert main(["matrix", *base, "--models", "diep", "--out", str(tmp_path / "m.csv")]) == 2
+    assert "parquet" in capsys.readouterr().err

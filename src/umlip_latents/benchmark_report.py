@@ -61,7 +61,15 @@ LABELS: dict[str, tuple[str, str | None]] = {
     "inputs_gb": ("Size of the inputs", "GB"), "rss_before_gb": ("Resident memory before", "GB"),
     "peak_rss_gb": ("Peak resident memory", "GB"), "finite": ("All values finite", None),
     "budget_gb": ("Memory budget", "GB"), "within_budget": ("Within the budget", None),
+    # scaling
+    "us_per_atom": ("Time per atom", "µs"), "store_written_s": ("Writing the synthetic store", "s"),
+    "equality": ("Against the in-memory engine", None), "max_rel_diff": ("Largest relative difference", None),
+    "memory_seconds": ("In-memory engine", "s"), "memory_peak_rss_gb": ("In-memory engine, peak memory", "GB"),
+    "streamed_seconds": ("Streamed", "s"), "memory_over_streamed_rss": ("Peak memory, in-memory over streamed", "×"),
+    "test_size": ("Test fraction", None), "metric": ("Measure", None),
 }
+#: Heading of a report's records where the generic label does not fit, by (benchmark, key).
+RECORD_TITLES = {("scaling", "results"): "Per size"}
 #: The row-name column of a mapping of records, by the mapping's key.
 INDEX_LABELS = {"orders": "Cumulant order"}
 _UNIT_SUFFIXES = {"_s": "s", "_gb": "GB", "_mb": "MB"}
@@ -76,11 +84,13 @@ TARGETS: dict[str, dict[str, float]] = {
     "extraction": {"tolerance": 1e-5, "speedup": 10.0},
     "reconstruction": {"tolerance": 1e-6},
     "pooling": {"tolerance": 1e-6},
+    "scaling": {"tolerance": 1e-8},
 }
 
 #: Benchmark names (report file stems) and their page titles.
 TITLES = {"extraction": "Feature extraction", "reconstruction": "Reconstruction matrices",
-          "pooling": "Cumulant pooling", "memory": "Memory at the scale of the study"}
+          "pooling": "Cumulant pooling", "memory": "Memory at the scale of the study",
+          "scaling": "Out-of-core matrices against the number of atoms"}
 
 _SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
 
@@ -443,6 +453,84 @@ def summary_memory(report: Mapping) -> list[str]:
     return out
 
 
+def _scaling_rows(report: Mapping) -> list[Mapping]:
+    rows = [r for r in report.get("results") or [] if isinstance(r, Mapping)
+            and _num(r.get("atoms")) and _num(r.get("seconds")) is not None and _num(r.get("peak_rss_gb")) is not None]
+    return sorted(rows, key=lambda r: r["atoms"])
+
+
+def summary_scaling(report: Mapping) -> list[str]:
+    rows = _scaling_rows(report)
+    if not rows:
+        return []
+    first, last = rows[0], rows[-1]
+    shape = [f"{number(first[k])} {w}" for k, w in (("models", "models"), ("dims", "features each"))
+             if _num(first.get(k)) is not None]
+    out = [f"The streamed GFRE matrix{' of ' + ' × '.join(shape) if shape else ''} took "
+           f"{number(first['seconds'])} s at {number(first['atoms'])} atoms and {number(last['seconds'])} s at "
+           f"{number(last['atoms'])} ({number(1e6 * last['seconds'] / last['atoms'])} µs per atom; "
+           f"{number(1e6 * first['seconds'] / first['atoms'])} at the smallest size, where fixed costs weigh)."]
+    line = f"Peak resident memory went from {number(first['peak_rss_gb'])} to {number(last['peak_rss_gb'])} GB"
+    if _num(last.get("inputs_gb")):
+        line += f" while the inputs grew to {number(last['inputs_gb'])} GB"
+    budget = _num((report.get("settings") or {}).get("budget_gb")) if isinstance(report.get("settings"), Mapping) else None
+    if budget:
+        line += f"; at the largest size {'within' if last['peak_rss_gb'] <= budget else 'over'} the " \
+                f"{number(budget)} GB budget"
+    out.append(line + ".")
+    eq = report.get("equality")
+    if isinstance(eq, Mapping) and _num(eq.get("max_rel_diff")) is not None:
+        rel = _num(eq["max_rel_diff"])
+        text_ = f"At {number(eq.get('atoms', 0))} atoms the values equal the in-memory engine's to {number(rel)} " \
+                f"relative{_against(rel, _tolerance('scaling', report))}"
+        if _num(eq.get("memory_peak_rss_gb")) is not None and _num(eq.get("memory_seconds")) is not None:
+            text_ += f"; the in-memory engine took {number(eq['memory_seconds'])} s and peaked at " \
+                     f"{number(eq['memory_peak_rss_gb'])} GB"
+        out.append(text_ + ".")
+    return out
+
+
+def scaling_svg(report: Mapping, width: int = 640, height: int = 250) -> str:
+    """The scaling curves as an inline SVG: time per atom and peak memory against atoms (log axes)."""
+    rows = _scaling_rows(report)
+    if len(rows) < 2:
+        return ""
+    panels = [("Time per atom (µs)", [1e6 * r["seconds"] / r["atoms"] for r in rows]),
+              ("Peak resident memory (GB)", [r["peak_rss_gb"] for r in rows])]
+    xs = [math.log10(r["atoms"]) for r in rows]
+    pw, ph, left, top = width / 2 - 70, height - 80, 60, 20
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+             f'viewBox="0 0 {width} {height}" style="max-width:100%;height:auto;font:12px sans-serif">',
+             "<title>Streamed GFRE matrix: time per atom and peak resident memory against the number of atoms "
+             "(logarithmic axes)</title>"]
+    for p, (name, ys) in enumerate(panels):
+        x0 = left + p * (width / 2)
+        ly = [math.log10(max(y, 1e-12)) for y in ys]
+        lo, hi = math.floor(min(ly)), math.ceil(max(ly))
+        hi = hi if hi > lo else lo + 1
+
+        def px(v, x0=x0):
+            return x0 + (v - xs[0]) / ((xs[-1] - xs[0]) or 1) * pw
+
+        def py(v, lo=lo, hi=hi):
+            return top + ph - (v - lo) / (hi - lo) * ph
+
+        parts.append(f'<rect x="{x0}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>')
+        for e in range(lo, hi + 1):
+            parts.append(f'<text x="{x0 - 6}" y="{py(e) + 4:.1f}" text-anchor="end">{number(10.0 ** e)}</text>')
+        for x, r in zip(xs, rows):
+            parts.append(f'<text x="{px(x):.1f}" y="{top + ph + 16}" text-anchor="middle">{number(r["atoms"])}</text>')
+        pts = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(xs, ly))
+        parts.append(f'<polyline points="{pts}" fill="none" stroke="#1f77b4" stroke-width="2"/>')
+        parts += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3.5" fill="#1f77b4"><title>{number(r["atoms"])} atoms: '
+                  f'{number(v)}</title></circle>' for x, y, v, r in zip(xs, ly, ys, rows)]
+        parts.append(f'<text x="{x0 + pw / 2:.1f}" y="{top + ph + 34}" text-anchor="middle">atoms</text>')
+        parts.append(f'<text x="{x0 + pw / 2:.1f}" y="{top + ph + 52}" text-anchor="middle" font-weight="bold">'
+                     f'{name}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
 def summary_generic(report: Mapping) -> list[str]:
     """For a benchmark without its own summary: the range of every ``speedup`` in the report."""
     found = []
@@ -466,7 +554,7 @@ def summary_generic(report: Mapping) -> list[str]:
 #: Benchmark name -> the function writing its summary sentences from its report.
 SUMMARIES: dict[str, Callable[[Mapping], list[str]]] = {
     "extraction": summary_extraction, "reconstruction": summary_reconstruction,
-    "pooling": summary_pooling, "memory": summary_memory,
+    "pooling": summary_pooling, "memory": summary_memory, "scaling": summary_scaling,
 }
 
 
@@ -519,6 +607,8 @@ def benchmark_markdown(name: str, report: Mapping, level: int = 3) -> str:
     lines = summary(name, report)
     if lines:
         out.append("\n".join(f"- {line}" for line in lines) + "\n")
+    if name == "scaling" and scaling_svg(report):
+        out.append(scaling_svg(report) + "\n")
     settings, parts, blocks = [], {}, []
     for key, value in report.items():
         if key in ("run", "benchmark"):
@@ -529,7 +619,8 @@ def benchmark_markdown(name: str, report: Mapping, level: int = 3) -> str:
         elif isinstance(value, Mapping) and value and all(_flat(v) for v in value.values()):
             parts[key] = value
         elif _records(value):
-            blocks.append(f"**{label(key)}**\n\n" + records_markdown(value, index=str(key)))
+            blocks.append(f"**{RECORD_TITLES.get((name, key), label(key))}**\n\n"
+                          + records_markdown(value, index=str(key)))
         else:
             blocks.append(f"**{label(key)}**\n\n```json\n{json.dumps(value, indent=2, default=str)}\n```\n")
     if lines and isinstance(report.get("baseline"), str) and any(text(report["baseline"]) in x for x in lines):

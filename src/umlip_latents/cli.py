@@ -1,4 +1,4 @@
-"""Command line: ``umlip-latents datasets|models|extract``.
+"""Command line: ``umlip-latents datasets|models|extract|matrix|notebooks``.
 
 Every expected failure (unknown model, missing or truncated checkpoint, malformed file or
 geometry, unsupported element, checksum mismatch, a bad limit, seed or device, a store that
@@ -94,6 +94,80 @@ def _extract(args) -> int:
     return 0
 
 
+def stored_panel(dataset: str, models: list, layer: str, limit: int | None = None, seed: int = 0) -> dict:
+    """The stored entries of ``models`` on a dataset selection, checked to hold the same atoms.
+
+    Returns ``{model: FeatureSet}`` with memory-mapped values. Raises StoreError naming the
+    first model without an entry (and the command that makes it) or whose atoms differ.
+    """
+    import numpy as np
+
+    from .errors import StoreError
+    from .registry import get_spec
+    from .store import dataset_label, entry_dir, read_entry
+
+    label = dataset_label(dataset, limit, seed)
+    out, first = {}, None
+    for model in models:
+        key = get_spec(model).key
+        folder = entry_dir(label, key, layer)
+        if not (folder / "meta.json").exists():
+            extra = f" --limit {limit} --seed {seed}" if limit is not None else ""
+            raise StoreError(f"no stored {layer} features of {key} on {label} ({folder}): run `umlip-latents extract "
+                             f"--dataset {dataset} --model {key} --layer {layer}{extra}` first")
+        fs = read_entry(folder)
+        if first is None:
+            first = (key, fs)
+        elif fs.structure_ids != first[1].structure_ids or not np.array_equal(fs.species, first[1].species):
+            raise StoreError(f"stored features of {key} and {first[0]} on {label} hold different atoms "
+                             f"({fs.n_structures} and {first[1].n_structures} structures, {fs.n_atoms} and "
+                             f"{first[1].n_atoms} atoms; a model skipped structures with unsupported elements?): "
+                             "re-extract them on the same structures")
+        out[key] = fs
+    return out
+
+
+def _matrix(args) -> int:
+    import os
+    from pathlib import Path
+
+    from .errors import StoreError
+    from .metrics import reconstruction_matrix
+    from .metrics.streaming import STREAMED_METRICS, streamed_matrix
+
+    if len(set(args.models)) != len(args.models):
+        raise StoreError(f"--models names a model twice: {args.models}")
+    panel = stored_panel(args.dataset, args.models, args.layer, args.limit, args.seed)
+    out = Path(args.out)
+    if out.suffix != ".parquet":
+        raise StoreError(f"--out {out}: the matrix is written as parquet; name a .parquet file")
+    test_size = args.test_size if args.test_size < 1 else int(args.test_size)
+    common = dict(test_size=test_size, seed=args.split_seed, n_boot=args.n_boot, device=args.device)
+    streamed = [m for m in args.metric if m in STREAMED_METRICS]
+    in_memory = [m for m in args.metric if m not in STREAMED_METRICS]
+    t0 = time.perf_counter()
+    tables = []
+    try:
+        if streamed:
+            tables.append(streamed_matrix(panel, streamed, chunk_rows=args.chunk_rows, **common))
+        if in_memory:  # LFRE and CKA hold the features in memory
+            tables.append(reconstruction_matrix(panel, in_memory, n_local_points=args.n_local_points, **common))
+    except ValueError as exc:
+        raise StoreError(f"matrix of {', '.join(panel)} on {args.dataset}: {exc}") from exc
+    import pandas as pd
+
+    table = pd.concat(tables, ignore_index=True)
+    table.attrs = {}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    table.to_parquet(tmp)
+    os.replace(tmp, out)
+    n_atoms = next(iter(panel.values())).n_atoms
+    print(f"{len(panel)} models x {len(args.metric)} metric(s) on {n_atoms} atoms ({args.layer}) in "
+          f"{time.perf_counter() - t0:.1f} s -> {out}")
+    return 0
+
+
 def _notebook(args) -> int:
     from pathlib import Path
 
@@ -117,6 +191,16 @@ def _non_negative(text: str) -> int:
     if not text.strip().isdigit():
         raise argparse.ArgumentTypeError(f"expected a non-negative integer, not {text!r}")
     return int(text)
+
+
+def _fraction_or_count(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (0 < value < 1 or (value >= 1 and value.is_integer())):
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1) or a whole number of atoms, not {text!r}")
+    return value
 
 
 def _workers(text: str) -> int | str:
@@ -164,6 +248,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--recompute", action="store_true")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_extract)
+    x = sub.add_parser("matrix", help="GFRE/GFRD (out of core) and LFRE/CKA (in memory) of stored features")
+    x.add_argument("--dataset", required=True)
+    x.add_argument("--models", nargs="+", required=True)
+    x.add_argument("--layer", default="last", choices=["last", "backbone"])
+    x.add_argument("--limit", type=_positive, help="the dataset selection the features were extracted on")
+    x.add_argument("--seed", type=_non_negative, default=0, help="seed of that selection")
+    x.add_argument("--metric", nargs="+", default=["gfre"], choices=["gfre", "gfrd", "lfre", "cka"],
+                   help="gfre and gfrd stream the rows off disk; lfre and cka load the features into memory")
+    x.add_argument("--test-size", type=_fraction_or_count, default=0.5,
+                   help="test atoms: a fraction below 1 or a count (default 0.5)")
+    x.add_argument("--split-seed", type=_non_negative, default=0, help="seed of the train/test split")
+    x.add_argument("--n-boot", type=_non_negative, default=0, help="re-drawn splits for 95 %% intervals")
+    x.add_argument("--n-local-points", type=_positive, help="LFRE neighbours (default: min of the two dimensions)")
+    x.add_argument("--chunk-rows", type=_positive, help="rows read at a time (default: about 64 MB of float64)")
+    x.add_argument("--device", default="auto")
+    x.add_argument("--out", required=True, help="the matrix as a .parquet table (source, target, metric, value, ci)")
+    x.set_defaults(func=_matrix)
     n = sub.add_parser("notebooks", help="run notebooks with papermill and a params/*.yml file")
     n.add_argument("notebooks", nargs="+")
     n.add_argument("--params", required=True)
