@@ -498,7 +498,7 @@ def scaling_svg(report: Mapping, width: int = 640, height: int = 250) -> str:
     panels = [("Time per atom (µs)", [1e6 * r["seconds"] / r["atoms"] for r in rows]),
               ("Peak resident memory (GB)", [r["peak_rss_gb"] for r in rows])]
     xs = [math.log10(r["atoms"]) for r in rows]
-    pw, ph, left, top = width / 2 - 70, height - 80, 60, 20
+    pw, ph, left, top = width / 2 - 100, height - 80, 60, 20  # room for the last tick label
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
              f'viewBox="0 0 {width} {height}" style="max-width:100%;height:auto;font:12px sans-serif">',
              "<title>Streamed GFRE matrix: time per atom and peak resident memory against the number of atoms "

@@ -120,17 +120,22 @@ def convergence_summary(results: dict[str, FinetuneResult]) -> list[str]:
         trained = len(run.epochs)
         window = patience or max(1, trained // 3)
         if run.stopped_early:
-            out.append(f"{head}; stopped at epoch {trained} after {patience} epochs without improvement: "
+            out.append(f"{head}; stopped at epoch {trained} after {_epochs(patience)} without improvement: "
                        f"it reached its validation plateau within the cap of {cap} epochs.")
         elif run.best_epoch <= trained - window:
-            out.append(f"{head}; no lower validation loss in its last {trained - run.best_epoch} epochs up to the "
+            out.append(f"{head}; no lower validation loss in its last {_epochs(trained - run.best_epoch)} up to the "
                        f"cap of {cap}: it reached its validation plateau.")
         else:
             before = valid.loc[1:trained - window].min() if trained > window else valid.loc[0]
             gain = (before - valid.loc[1:].min()) / before if np.isfinite(before) and before > 0 else float("nan")
-            out.append(f"{head}; still improving at the cap of {cap} epochs (its last {window} epochs lowered the "
+            out.append(f"{head}; still improving at the cap of {cap} epochs (its last {_epochs(window)} lowered the "
                        f"validation loss by {gain:.0%}): it did not reach its validation plateau within the budget.")
     return out
+
+
+def _epochs(n: int) -> str:
+    """``"1 epoch"``, ``"3 epochs"``."""
+    return f"{n} epoch{'' if n == 1 else 's'}"
 
 
 def protocol_features(models: dict[str, str], structures: list, label: str, layer: str = "last",
