@@ -52,3 +52,16 @@ def test_unavailable_foundation_model_says_where_to_put_it(key, crystals, tmp_pa
     with pytest.raises(ModelUnavailable) as err:
         extract_features(spec, crystals[:1], layer="last", device="cpu")
     assert spec.source["filename"] in str(err.value) and "UMLIP_LATENTS_CHECKPOINTS" in str(err.value)
+
+
+def test_embedding_readout_model_is_refused_with_what_is_missing(trained_mace, crystals, tmp_path, monkeypatch):
+    """MACE-MH-1 reads energy through a head embedding: placed as its file, it is refused, naming why."""
+    import torch
+
+    spec = get_spec("mace-mh-1-omat")
+    model = torch.load(trained_mace.source["path"], weights_only=False)
+    model.embedding_readout = torch.nn.Linear(2, 2)  # the attribute MH-1's class carries
+    torch.save(model, tmp_path / spec.source["filename"])
+    monkeypatch.setenv("UMLIP_LATENTS_CHECKPOINTS", str(tmp_path))
+    with pytest.raises(ModelUnavailable, match="embedding_readout.*not a fixed linear map"):
+        extract_features(spec, crystals[:1], layer="last", device="cpu")
