@@ -542,7 +542,9 @@ def lfre_sentences(matrix) -> list[str]:
     return [f"*LFRE against GFRE* ({matrix.attrs.get('n_train', 0):,} training atoms): " + "; ".join(parts)
             + ". A cell above 1 is a local fit that does worse on its test atoms than predicting the target's mean "
               "(error 1 by the scaling): the local regressions generalise worse than none, which happens when the "
-              "neighbourhoods are too small or too sparse for the source's columns (see the convergence study)."]
+              "neighbourhoods are too small or too sparse for the source's columns; with k = min(D) the local refit has "
+              "about as many rows as columns, the interpolation threshold, where the penalty chosen on half-size "
+              "folds can be far too small (see the convergence study and LFRE against k)."]
 
 
 # ---------------------------------------------------------------------------------------------
