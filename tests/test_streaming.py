@@ -78,6 +78,10 @@ def test_npy_files_and_memory_maps_read_by_rows(tmp_path):
     maps = {k: np.load(p, mmap_mode="r") for k, p in paths.items()}
     assert all(isinstance(rows_of(m), NpyRows) for m in maps.values())  # read through the file, not mapped
     np.testing.assert_array_equal(rows_of(paths["m1"]).read(13, 57), feats["m1"][13:57])
+    view = maps["m2"][250:600]  # a row slice of a memory map keeps its parent's offset: read its own rows
+    assert isinstance(rows_of(view), NpyRows)
+    np.testing.assert_array_equal(rows_of(view).read(0, 350), feats["m2"][250:600])
+    np.testing.assert_array_equal(rows_of(view).read(10, 20), feats["m2"][260:270])
     a = streamed_matrix(feats, "gfre", device="cpu", test_size=0.5)
     for source in (paths, maps, {k: str(p) for k, p in paths.items()}):
         b = streamed_matrix(source, "gfre", device="cpu", test_size=0.5, chunk_rows=100)

@@ -94,39 +94,6 @@ def _extract(args) -> int:
     return 0
 
 
-def stored_panel(dataset: str, models: list, layer: str, limit: int | None = None, seed: int = 0) -> dict:
-    """The stored entries of ``models`` on a dataset selection, checked to hold the same atoms.
-
-    Returns ``{model: FeatureSet}`` with memory-mapped values. Raises StoreError naming the
-    first model without an entry (and the command that makes it) or whose atoms differ.
-    """
-    import numpy as np
-
-    from .errors import StoreError
-    from .registry import get_spec
-    from .store import dataset_label, entry_dir, read_entry
-
-    label = dataset_label(dataset, limit, seed)
-    out, first = {}, None
-    for model in models:
-        key = get_spec(model).key
-        folder = entry_dir(label, key, layer)
-        if not (folder / "meta.json").exists():
-            extra = f" --limit {limit} --seed {seed}" if limit is not None else ""
-            raise StoreError(f"no stored {layer} features of {key} on {label} ({folder}): run `umlip-latents extract "
-                             f"--dataset {dataset} --model {key} --layer {layer}{extra}` first")
-        fs = read_entry(folder)
-        if first is None:
-            first = (key, fs)
-        elif fs.structure_ids != first[1].structure_ids or not np.array_equal(fs.species, first[1].species):
-            raise StoreError(f"stored features of {key} and {first[0]} on {label} hold different atoms "
-                             f"({fs.n_structures} and {first[1].n_structures} structures, {fs.n_atoms} and "
-                             f"{first[1].n_atoms} atoms; a model skipped structures with unsupported elements?): "
-                             "re-extract them on the same structures")
-        out[key] = fs
-    return out
-
-
 def _matrix(args) -> int:
     import os
     from pathlib import Path
@@ -137,10 +104,12 @@ def _matrix(args) -> int:
 
     if len(set(args.models)) != len(args.models):
         raise StoreError(f"--models names a model twice: {args.models}")
-    panel = stored_panel(args.dataset, args.models, args.layer, args.limit, args.seed)
     out = Path(args.out)
-    if out.suffix != ".parquet":
+    if out.suffix != ".parquet":  # before reading (and checksumming) the entries
         raise StoreError(f"--out {out}: the matrix is written as parquet; name a .parquet file")
+    from .store import stored_panel
+
+    panel = stored_panel(args.dataset, args.models, args.layer, args.limit, args.seed)
     test_size = args.test_size if args.test_size < 1 else int(args.test_size)
     common = dict(test_size=test_size, seed=args.split_seed, n_boot=args.n_boot, device=args.device)
     streamed = [m for m in args.metric if m in STREAMED_METRICS]

@@ -474,6 +474,34 @@ def _extract_entry(folder: Path, staging: Path, spec: ModelSpec, layer: str, str
     return read_entry(folder)
 
 
+def stored_panel(dataset: str, models: list, layer: str, limit: int | None = None, seed: int = 0) -> dict:
+    """The stored entries of ``models`` on a dataset selection, checked to hold the same atoms.
+
+    Read only, nothing is extracted (:func:`panel_features` extracts what is missing). Returns
+    ``{model: FeatureSet}`` with memory-mapped values. Raises StoreError naming the
+    first model without an entry (and the command that makes it) or whose atoms differ.
+    """
+    label = dataset_label(dataset, limit, seed)
+    out, first = {}, None
+    for model in models:
+        key = get_spec(model).key
+        folder = entry_dir(label, key, layer)
+        if not (folder / "meta.json").exists():
+            extra = f" --limit {limit} --seed {seed}" if limit is not None else ""
+            raise StoreError(f"no stored {layer} features of {key} on {label} ({folder}): run `umlip-latents extract "
+                             f"--dataset {dataset} --model {key} --layer {layer}{extra}` first")
+        fs = read_entry(folder)
+        if first is None:
+            first = (key, fs)
+        elif fs.structure_ids != first[1].structure_ids or not np.array_equal(fs.species, first[1].species):
+            raise StoreError(f"stored features of {key} and {first[0]} on {label} hold different atoms "
+                             f"({fs.n_structures} and {first[1].n_structures} structures, {fs.n_atoms} and "
+                             f"{first[1].n_atoms} atoms; a model skipped structures with unsupported elements?): "
+                             "re-extract them on the same structures")
+        out[key] = fs
+    return out
+
+
 def panel_features(dataset: str, models: list, layer: str = "last", *, limit: int | None = None, seed: int = 0,
                    device: str = "auto", on_unsupported: str = "skip", store=None, progress=None,
                    workers: int | str = 1) -> dict:

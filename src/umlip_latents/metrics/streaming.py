@@ -27,6 +27,7 @@ the peak resident memory stays that of one chunk and the factors.
 
 from __future__ import annotations
 
+import mmap
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -110,9 +111,17 @@ def rows_of(source):
         source = source.values
     if isinstance(source, (str, os.PathLike)):
         return NpyRows(source)
+    root = source
+    while isinstance(root, np.ndarray) and root.base is not None:
+        root = root.base
     if isinstance(source, np.memmap) and source.filename is not None and source.flags.c_contiguous \
-            and source.base is not None and getattr(source, "offset", None) is not None:
-        return NpyRows(source.filename, source.offset, source.shape, source.dtype)
+            and isinstance(root, mmap.mmap) and source.ndim == 2:
+        # where this view starts in the file: a row slice of a memory map keeps its parent's
+        # ``offset``, so the position is taken from the view's address in the mapping (numpy maps
+        # from ``offset`` rounded down to the allocation granularity)
+        mapped = np.frombuffer(root, dtype=np.uint8).ctypes.data
+        start = source.offset - source.offset % mmap.ALLOCATIONGRANULARITY + (source.ctypes.data - mapped)
+        return NpyRows(source.filename, start, source.shape, source.dtype)
     if isinstance(source, (NpyRows, _ArrayRows)):
         return source
     array = np.asarray(source)
