@@ -52,10 +52,28 @@ def test_extract_writes_store_and_prints_summary(capsys, tmp_path, monkeypatch):
     assert '"workers": 2' in (entry / "meta.json").read_text()
 
 
+def test_extract_on_a_local_cluster(capsys, tmp_path, monkeypatch):
+    """`extract --scheduler local:1` fills the store as a run without it (the cache key, so the entry, is the same)."""
+    monkeypatch.setenv("UMLIP_LATENTS_STORE", str(tmp_path))
+    args = ["extract", "--dataset", "mpf-alkali-tp", "--model", "chgnet-0.3.0", "--limit", "3", "--quiet"]
+    assert main([*args, "--scheduler", "local:1"]) == 0
+    entry = tmp_path / "mpf-alkali-tp-n3-s0" / "chgnet-0.3.0" / "last"
+    values = (entry / "values.npy").read_bytes()
+    assert main([*args, "--device", "cpu", "--recompute"]) == 0
+    assert (entry / "values.npy").read_bytes() == values
+    assert "3 structures" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("args, message", [
     (["extract", "--dataset", "nope", "--model", "chgnet-0.3.0"], "unknown dataset"),
     (["extract", "--dataset", "mpf-alkali-tp", "--model", "nope"], "unknown model"),
     (["extract", "--dataset", "mpf-alkali-tp", "--model", "chgnet-0.3.0", "--workers", "0"], "positive integer"),
+    (["extract", "--dataset", "mpf-alkali-tp", "--model", "chgnet-0.3.0", "--scheduler", "cluster"], "local:N"),
+    (["extract", "--dataset", "mpf-alkali-tp", "--model", "chgnet-0.3.0", "--scheduler", "s.json"], "does not exist"),
+    (["extract", "--dataset", "mpf-alkali-tp", "--model", "chgnet-0.3.0", "--scheduler", "local:1", "--workers", "2"],
+     "start more workers"),
+    (["worker", "--scheduler", "tcp://127.0.0.1:1", "--env", "nope"], "not an environment"),
+    (["worker", "--scheduler", "local:2"], "joins a running scheduler"),
 ])
 def test_bad_arguments_give_one_error_line(capsys, args, message):
     assert main(args) == 2

@@ -1,4 +1,4 @@
-"""Command line: ``umlip-latents datasets|models|extract|matrix|notebooks``.
+"""Command line: ``umlip-latents datasets|models|extract|matrix|worker|notebooks``.
 
 Every expected failure (unknown model, missing or truncated checkpoint, malformed file or
 geometry, unsupported element, checksum mismatch, a bad limit, seed or device, a store that
@@ -8,10 +8,11 @@ cannot be written) prints one ``error:`` line and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 
-from .errors import UmlipLatentsError
+from .errors import StoreError, UmlipLatentsError
 
 
 def _datasets(args) -> int:
@@ -73,19 +74,33 @@ def _extract(args) -> int:
     from .registry import get_spec
     from .store import get_features
 
-    get_spec(args.model)  # fail before any work on an unknown model or device
-    resolve_device(args.device)
+    spec = get_spec(args.model)  # fail before any work on an unknown model, device or scheduler
+    if args.scheduler is None:
+        resolve_device(args.device)  # with a scheduler, the workers resolve it
+    else:
+        from .cluster import parse_scheduler
+
+        if args.workers != 1:
+            raise StoreError("--workers with --scheduler: each Dask worker runs one extraction; start more workers")
+        try:
+            parse_scheduler(args.scheduler)
+        except ValueError as exc:
+            raise StoreError(f"--scheduler {exc}") from None
     structures = load_dataset(args.dataset, limit=args.limit, seed=args.seed)
     total = sum(len(a) for a in structures)
     bar = tqdm(total=len(structures), unit="struct", desc=f"{args.model}/{args.layer}", disable=args.quiet or not sys.stderr.isatty())
     t0 = time.perf_counter()
-    try:
+    with contextlib.ExitStack() as stack:
+        client = None
+        if args.scheduler is not None:
+            from .cluster import connect
+
+            client = stack.enter_context(connect(args.scheduler, [spec.environment]))
+        stack.callback(bar.close)
         fs = get_features(args.dataset, args.model, args.layer, structures=structures, limit=args.limit,
                           seed=args.seed, device=args.device, batch_size=args.batch_size,
                           on_unsupported=args.on_unsupported, recompute=args.recompute, workers=args.workers,
-                          progress=lambda n, _atoms: bar.update(n))
-    finally:
-        bar.close()
+                          progress=lambda n, _atoms: bar.update(n), client=client)
     dt = time.perf_counter() - t0
     skipped = len(fs.meta.get("extraction", {}).get("skipped", []))
     print(f"{args.model} {args.layer}: {fs.n_structures} structures, {fs.n_atoms} atoms (of {total}), "
@@ -98,7 +113,6 @@ def _matrix(args) -> int:
     import os
     from pathlib import Path
 
-    from .errors import StoreError
     from .metrics import reconstruction_matrix
     from .metrics.streaming import STREAMED_METRICS, streamed_matrix
 
@@ -135,6 +149,23 @@ def _matrix(args) -> int:
     print(f"{len(panel)} models x {len(args.metric)} metric(s) on {n_atoms} atoms ({args.layer}) in "
           f"{time.perf_counter() - t0:.1f} s -> {out}")
     return 0
+
+
+def _worker(args) -> int:
+    from .cluster import parse_scheduler, serve_worker
+    from .families import load_families
+
+    envs = sorted({row.environment for row in load_families().values()})
+    if args.env not in envs:
+        raise StoreError(f"--env {args.env!r} is not an environment of models/families.yml ({', '.join(envs)})")
+    try:
+        kind, _ = parse_scheduler(args.scheduler)
+    except ValueError as exc:
+        raise StoreError(f"--scheduler {exc}") from None
+    if kind == "local":
+        raise StoreError("--scheduler local:N starts its own workers; `worker` joins a running scheduler "
+                         "(tcp://HOST:PORT or a scheduler .json file)")
+    return serve_worker(args.scheduler, args.env, args.nworkers)
 
 
 def _notebook(args) -> int:
@@ -213,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="atoms per forward pass (default: the family's, small on a CPU, large on a GPU)")
     e.add_argument("--workers", type=_workers, default=1,
                    help="CPU processes of one thread each, or 'auto' (one per core); features do not depend on it")
+    e.add_argument("--scheduler", help="extract on a Dask cluster: local:N (N workers of the model's environment "
+                   "here), tcp://HOST:PORT or a scheduler .json file (workers from `umlip-latents worker`)")
     e.add_argument("--on-unsupported", default="raise", choices=["raise", "skip"])
     e.add_argument("--recompute", action="store_true")
     e.add_argument("--quiet", action="store_true")
@@ -234,6 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--device", default="auto")
     x.add_argument("--out", required=True, help="the matrix as a .parquet table (source, target, metric, value, ci)")
     x.set_defaults(func=_matrix)
+    w = sub.add_parser("worker", help="run Dask workers of one environment for `extract --scheduler`")
+    w.add_argument("--scheduler", required=True, help="tcp://HOST:PORT or a scheduler .json file")
+    w.add_argument("--env", default="main", help="the environment the workers run in (models/families.yml)")
+    w.add_argument("--nworkers", type=_positive, default=1, help="worker processes (one extraction each)")
+    w.set_defaults(func=_worker)
     n = sub.add_parser("notebooks", help="run notebooks with papermill and a params/*.yml file")
     n.add_argument("notebooks", nargs="+")
     n.add_argument("--params", required=True)

@@ -343,7 +343,7 @@ def get_features(dataset: str, model: str | ModelSpec, layer: str = "last", *, s
                  limit: int | None = None, seed: int = 0, device: str = "auto", batch_size: int | None = None,
                  on_unsupported: str = "raise", store: str | os.PathLike | None = None, shard_size: int = 250,
                  recompute: bool = False, progress=None, extract=None, workers: int | str = 1,
-                 min_distance: float | None = MIN_DISTANCE) -> FeatureSet:
+                 min_distance: float | None = MIN_DISTANCE, client=None) -> FeatureSet:
     """Features of ``model`` on ``dataset`` from the store, extracting only what is missing.
 
     Parameters
@@ -367,6 +367,12 @@ def get_features(dataset: str, model: str | ModelSpec, layer: str = "last", *, s
         Callable ``progress(n_structures, n_atoms)`` after each shard.
     extract
         Extraction function (default :func:`~umlip_latents.extract.extract_features`).
+    client
+        A ``distributed.Client``: the missing shards are extracted as tasks on its workers of
+        the model's environment (:mod:`umlip_latents.cluster`), written here as they finish.
+        ``device="auto"`` is resolved by those workers; ``workers`` must be 1 (a Dask worker
+        runs one extraction; start more workers instead). The entry is byte-identical to a
+        run without a client.
 
     Raises
     ------
@@ -383,9 +389,17 @@ def get_features(dataset: str, model: str | ModelSpec, layer: str = "last", *, s
     from .extract import extract_features
     from .extract.base import resolve_device
 
-    extract = extract or extract_features
     spec = get_spec(model)
-    device = resolve_device(device)
+    if client is None:
+        extract = extract or extract_features
+        device = resolve_device(device)
+    else:  # the device is the workers', the extraction function runs on them
+        from . import cluster
+
+        if workers != 1:
+            raise ValueError(f"workers={workers!r} with a Dask client: each Dask worker runs one extraction; "
+                             "start more workers instead")
+        device = cluster.resolve_device(client, spec.environment, device, f"model {spec.key}")
     if on_unsupported not in ("raise", "skip"):
         raise ValueError(f"on_unsupported must be 'raise' or 'skip', not {on_unsupported!r}")
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
@@ -427,7 +441,8 @@ def get_features(dataset: str, model: str | ModelSpec, layer: str = "last", *, s
                                   dict(device=device, batch_size=batch_size, on_unsupported=on_unsupported,
                                        workers=workers, min_distance=min_distance),
                                   {"cache_key": key, "dataset": str(dataset), "dataset_label": label,
-                                   "structures_sha256": sha, "limit": limit, "seed": seed, "shard_size": shard_size})
+                                   "structures_sha256": sha, "limit": limit, "seed": seed, "shard_size": shard_size},
+                                  client)
         finally:
             _tidy(folder, layer, staging)
     finally:
@@ -435,25 +450,47 @@ def get_features(dataset: str, model: str | ModelSpec, layer: str = "last", *, s
 
 
 def _extract_entry(folder: Path, staging: Path, spec: ModelSpec, layer: str, structures: list, extract, progress,
-                   shard_size: int, options: dict, meta: dict) -> FeatureSet:
-    """Extract shard by shard into ``staging`` (reusing finished shards), then write the entry (under its lock)."""
+                   shard_size: int, options: dict, meta: dict, client=None) -> FeatureSet:
+    """Extract shard by shard into ``staging`` (reusing finished shards), then write the entry (under its lock).
+
+    With a Dask ``client`` the missing shards run as tasks on its workers; each is checked and
+    written here as it arrives, so the entry is that of a run without one.
+    """
     staging.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    parts = []
+    parts, missing = {}, []
+
+    def keep(lo: int, chunk: list, fs: FeatureSet) -> None:
+        parts[lo] = fs
+        if progress is not None:
+            progress(len(chunk), sum(len(a) for a in chunk))
+
     for lo in range(0, len(structures), shard_size):
         chunk = structures[lo:lo + shard_size]
         record = _shard_record(chunk, lo)
         shard = staging / _shard_name(lo, lo + len(chunk))
         fs = _load_shard(shard, record, chunk, options["on_unsupported"])
         if fs is None:
-            fs = extract(spec, chunk, layer=layer, **options)
-            fs.require_finite(f"model {spec.key} ({layer})")
-            _check_holds(fs, chunk, f"the extraction of structures {lo}..{lo + len(chunk)}")
-            _write_shard(shard, fs, record)
-        parts.append(fs)
-        if progress is not None:
-            progress(len(chunk), sum(len(a) for a in chunk))
-    fs = _concat(parts)
+            missing.append((lo, chunk, record, shard))
+        else:
+            keep(lo, chunk, fs)
+
+    def finish(i: int, fs: FeatureSet) -> None:
+        lo, chunk, record, shard = missing[i]
+        fs.require_finite(f"model {spec.key} ({layer})")
+        _check_holds(fs, chunk, f"the extraction of structures {lo}..{lo + len(chunk)}")
+        _write_shard(shard, fs, record)
+        keep(lo, chunk, fs)
+
+    if client is None:
+        for i, (lo, chunk, _, _) in enumerate(missing):
+            finish(i, extract(spec, chunk, layer=layer, **options))
+    else:
+        from .cluster import run_shards
+
+        run_shards(client, spec, layer, [(lo, chunk) for lo, chunk, _, _ in missing], options, extract, finish,
+                   f"{meta['dataset_label']}/{spec.key}/{layer}")
+    fs = _concat([parts[lo] for lo in sorted(parts)])
     _check_holds(fs, structures, f"entry {folder}")
     if not fs.n_structures:
         raise UnsupportedElement(f"model {spec.key} supports none of the {len(structures)} structures "
@@ -504,17 +541,18 @@ def stored_panel(dataset: str, models: list, layer: str, limit: int | None = Non
 
 def panel_features(dataset: str, models: list, layer: str = "last", *, limit: int | None = None, seed: int = 0,
                    device: str = "auto", on_unsupported: str = "skip", store=None, progress=None,
-                   workers: int | str = 1) -> dict:
+                   workers: int | str = 1, client=None) -> dict:
     """Aligned features of several models on one dataset selection, from the store.
 
     Structures a model cannot featurise are skipped for it (``on_unsupported="skip"``) and
     then dropped for all models by :func:`umlip_latents.features.align`, so every returned
-    FeatureSet holds the same atoms in the same order.
+    FeatureSet holds the same atoms in the same order. ``client``: as in :func:`get_features`.
     """
     from .features import align
 
     structures = load_dataset(dataset, limit=limit, seed=seed)
     out = {m: get_features(dataset, m, layer, structures=structures, limit=limit, seed=seed, device=device,
-                           on_unsupported=on_unsupported, store=store, progress=progress, workers=workers)
+                           on_unsupported=on_unsupported, store=store, progress=progress, workers=workers,
+                           client=client)
            for m in models}
     return align(out)

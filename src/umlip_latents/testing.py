@@ -404,3 +404,19 @@ def contract_model(family: str, cache_dir) -> ModelSpec:
                      layers={"last": fam.last, "backbone": fam.backbone},
                      description=f"small random {family} model for tests; not a foundation model",
                      options=json.loads(options_file.read_text()))
+
+
+class ExitOnce:
+    """An extraction function that ends its process the first time it runs (a worker lost mid-task),
+    then extracts as :func:`~umlip_latents.extract.extract_features`: ``marker`` records that it did."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __call__(self, spec, structures, **options):
+        from .extract import extract_features
+
+        if not os.path.exists(self.marker):
+            Path(self.marker).write_text(str(os.getpid()))
+            os._exit(1)
+        return extract_features(spec, structures, **options)
