@@ -42,6 +42,8 @@ def parse(argv):
     src.add_argument("--dataset", help="store dataset label (folder under the store)")
     p.add_argument("--layer", default="last")
     p.add_argument("--models", nargs="*", help="model keys to use (default: all)")
+    p.add_argument("--dims", type=int, nargs="+", default=[64, 64, 96, 128, 128, 128, 192, 256],
+                   help="dimensions of the synthetic models (one model each)")
     p.add_argument("--n-atoms", type=int, default=3000, help="atoms of the GFRE part (seeded subsample)")
     p.add_argument("--test-size", type=int, default=1000)
     p.add_argument("--lfre-atoms", type=int, default=1000, help="atoms of the LFRE part")
@@ -55,14 +57,14 @@ def parse(argv):
     return p.parse_args(argv)
 
 
-def synthetic(n_atoms: int, seed: int) -> dict:
-    """8 'models': non-linear maps of a shared latent state plus model-specific parts, float32."""
+def synthetic(n_atoms: int, seed: int, dims=(64, 64, 96, 128, 128, 128, 192, 256)) -> dict:
+    """One 'model' per entry of ``dims``: non-linear maps of a shared latent state plus model-specific parts, float32."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
     shared = rng.normal(size=(n_atoms, 24))
     out = {}
-    for i, dim in enumerate([64, 64, 96, 128, 128, 128, 192, 256]):
+    for i, dim in enumerate(dims):
         own = rng.normal(size=(n_atoms, 4))
         z = np.hstack([shared[:, : 12 + 2 * i], own])
         values = np.tanh(z @ rng.normal(size=(z.shape[1], dim)) / np.sqrt(z.shape[1]))
@@ -166,8 +168,8 @@ def main(argv=None) -> int:
         source = {"kind": "store", "dataset": label, "layer": args.layer}
         features = {k: fs.values for k, fs in features.items()}
     else:
-        source = {"kind": "synthetic", "seed": args.seed}
-        features = synthetic(max(args.n_atoms, args.lfre_atoms), args.seed)
+        source = {"kind": "synthetic", "seed": args.seed, "dims": args.dims}
+        features = synthetic(max(args.n_atoms, args.lfre_atoms), args.seed, args.dims)
     if args.models:
         features = {k: features[k] for k in args.models}
     device = resolve_device(args.device)

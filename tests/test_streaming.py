@@ -1,4 +1,4 @@
-"""Out-of-core GFRE/GFRD (:mod:`umlip_latents.metrics.streaming`) against the in-memory engine.
+"""Out-of-core GFRE/GFRD/LFRE (:mod:`umlip_latents.metrics.streaming`) against the in-memory engine.
 
 The in-memory engine equals scikit-matter's (``tests/test_metrics*.py``); here the streamed
 matrix must give its numbers from row chunks: to 1e-8 relative on well-conditioned features
@@ -60,6 +60,50 @@ def test_streamed_equals_in_memory_on_rank_deficient_features():
     assert (got[got.source == "dup"].value.iloc[:3] > 0.05).all()
 
 
+@pytest.mark.parametrize("n_local_points", [None, "determined", 45])
+def test_streamed_lfre_equals_in_memory(n_local_points, tmp_path):
+    """Neighbours searched chunk by chunk and read back by index from .npy files: the in-memory LFRE.
+
+    Chunks of 97 rows are smaller than every k here, so the running top-k merges many chunks.
+    Values ~1e-16 (a model reconstructing itself) agree only in absolute terms.
+    """
+    feats = _panel(900)
+    paths = {}
+    for key, x in feats.items():
+        paths[key] = tmp_path / f"{key}.npy"
+        np.save(paths[key], x)
+    ref = reconstruction_matrix(feats, ["lfre", "gfre"], test_size=60, seed=2, device="cpu",
+                                n_local_points=n_local_points)
+    got = streamed_matrix(paths, ["lfre", "gfre"], test_size=60, seed=2, device="cpu", chunk_rows=97,
+                          n_local_points=n_local_points)
+    _compare(ref, got, 1e-8, atol=1e-12)
+    off = got[(got.source != got.target) & (got.metric == "lfre")]
+    assert (off.value > 0.02).all()
+
+
+def test_streamed_lfre_reads_only_what_it_needs(tmp_path):
+    """The training rows are read in chunks and by index, never as a whole: a reader that refuses
+    a read of more than 200 rows still gives the matrix."""
+    feats = _panel(800)
+
+    class Small(NpyRows):
+        def read(self, lo, hi):
+            assert hi - lo <= 200, (lo, hi)
+            return super().read(lo, hi)
+
+        def take(self, rows):
+            assert len(rows) <= 5000, len(rows)
+            return super().take(rows)
+
+    readers = {}
+    for key, x in feats.items():
+        np.save(tmp_path / f"{key}.npy", x)
+        readers[key] = Small(tmp_path / f"{key}.npy")
+    ref = reconstruction_matrix(feats, "lfre", test_size=50, seed=0, device="cpu")
+    got = streamed_matrix(readers, "lfre", test_size=50, seed=0, device="cpu", chunk_rows=200, batch_size=7)
+    _compare(ref, got, 1e-8, atol=1e-12)
+
+
 def test_intervals_over_redrawn_splits_match(tmp_path):
     feats = _panel(600)
     ref = reconstruction_matrix(feats, "gfre", test_size=0.5, seed=0, n_boot=3, device="cpu")
@@ -92,7 +136,11 @@ def test_bad_inputs_are_named(tmp_path):
     feats = _panel(300)
     kw = dict(device="cpu", test_size=0.5)
     with pytest.raises(ValueError, match="not streamed"):
-        streamed_matrix(feats, "lfre")
+        streamed_matrix(feats, "cka")
+    with pytest.raises(ValueError, match="n_local_points=301"):
+        streamed_matrix(feats, "lfre", n_local_points=301, **kw)
+    with pytest.raises(ValueError, match="'determined' or None"):
+        streamed_matrix(feats, "lfre", n_local_points="all", **kw)
     with pytest.raises(ValueError, match=r"sources\['short'\] has 299 rows"):
         streamed_matrix({**feats, "short": feats["m0"][:-1]}, "gfre", **kw)
     bad = feats["m0"].copy()

@@ -132,8 +132,9 @@ def _matrix(args) -> int:
     tables = []
     try:
         if streamed:
-            tables.append(streamed_matrix(panel, streamed, chunk_rows=args.chunk_rows, **common))
-        if in_memory:  # LFRE and CKA hold the features in memory
+            tables.append(streamed_matrix(panel, streamed, chunk_rows=args.chunk_rows,
+                                          n_local_points=args.n_local_points, **common))
+        if in_memory:  # CKA holds the features in memory
             tables.append(reconstruction_matrix(panel, in_memory, n_local_points=args.n_local_points, **common))
     except ValueError as exc:
         raise StoreError(f"matrix of {', '.join(panel)} on {args.dataset}: {exc}") from exc
@@ -250,14 +251,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--recompute", action="store_true")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_extract)
-    x = sub.add_parser("matrix", help="GFRE/GFRD (out of core) and LFRE/CKA (in memory) of stored features")
+    x = sub.add_parser("matrix", help="GFRE/GFRD/LFRE (out of core) and CKA (in memory) of stored features")
     x.add_argument("--dataset", required=True)
     x.add_argument("--models", nargs="+", required=True)
     x.add_argument("--layer", default="last", choices=["last", "backbone"])
     x.add_argument("--limit", type=_positive, help="the dataset selection the features were extracted on")
     x.add_argument("--seed", type=_non_negative, default=0, help="seed of that selection")
     x.add_argument("--metric", nargs="+", default=["gfre"], choices=["gfre", "gfrd", "lfre", "cka"],
-                   help="gfre and gfrd stream the rows off disk; lfre and cka load the features into memory")
+                   help="gfre, gfrd and lfre stream the rows off disk (lfre keeps the test rows in memory); "
+                   "cka loads the features into memory")
     x.add_argument("--test-size", type=_fraction_or_count, default=0.5,
                    help="test atoms: a fraction below 1 or a count (default 0.5)")
     x.add_argument("--split-seed", type=_non_negative, default=0, help="seed of the train/test split")

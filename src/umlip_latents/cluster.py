@@ -55,8 +55,14 @@ def resource(env: str) -> str:
 
 
 def worker_environment(env: str) -> dict:
-    """Environment variables of a worker process of ``env``: this process's, with the environment named."""
-    return dict(os.environ, UMLIP_LATENTS_ENV=env, UMLIP_LATENTS_ROOT=str(paths.project_root()))
+    """Environment variables of a worker process of ``env``: this process's, with the environment named.
+
+    Dask's statistical profiler (a stack sample every 10 ms) is off unless the variable that sets
+    it is given: extraction tasks run for seconds of Python-heavy graph building, which it slows.
+    """
+    out = dict(os.environ, UMLIP_LATENTS_ENV=env, UMLIP_LATENTS_ROOT=str(paths.project_root()))
+    out.setdefault("DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED", "False")
+    return out
 
 
 def worker_command(scheduler: str, env: str, name: str | None = None, local_directory: str | None = None,

@@ -362,22 +362,45 @@ def _local_errors(X_train, X_test, Y_train, Y_test, widths, ks, *, alphas, alpha
 
 def _local_errors_impl(X_train, X_test, Y_train, Y_test, widths, ks, *, alphas, alpha_type, random_state,
                        batch_size=None) -> list:
+    order = _neighbour_order(X_train, X_test, max(ks)).to(X_train.device)
+    by_cols = {}
+
+    def take(rows, cols):
+        key = tuple(cols.tolist())
+        if key not in by_cols:
+            by_cols.clear()
+            by_cols[key] = Y_train[:, cols]
+        return X_train[rows], by_cols[key][rows]
+
+    return local_fits(order, take, X_test, Y_test, widths, ks, alphas=alphas, alpha_type=alpha_type,
+                      random_state=random_state, batch_size=batch_size)
+
+
+def local_fits(order, take, X_test, Y_test, widths, ks, *, alphas, alpha_type, random_state,
+               batch_size=None) -> list:
+    """Pointwise LFRE of every target from neighbour lists: list of (n_test,) tensors.
+
+    ``order`` (n_test, >= max(ks)): training rows of each test row, nearest first;
+    ``take(rows, cols)``: the source's training rows ``rows`` (B, k) and the target columns
+    ``cols`` of the same rows, as (B, k, D) and (B, k, len(cols)) tensors (scaled as the test
+    rows). The in-memory engine indexes tensors; the streamed one reads the rows off disk.
+    """
     import torch
 
-    order = _neighbour_order(X_train, X_test, max(ks)).to(X_train.device)
+    dev = X_test.device
     off = _offsets(widths)
     out = [None] * len(widths)
     for k in sorted(set(ks)):
         targets = [t for t in range(len(widths)) if ks[t] == k]
-        cols = torch.as_tensor(np.concatenate([np.arange(off[t], off[t + 1]) for t in targets]), device=X_train.device)
+        cols = torch.as_tensor(np.concatenate([np.arange(off[t], off[t + 1]) for t in targets]), device=dev)
         w = [widths[t] for t in targets]
-        Yg_train, Yg_test = Y_train[:, cols], Y_test[:, cols]
+        Yg_test = Y_test[:, cols]
         f1, f2 = _kfold(k, random_state)                  # local CV folds: positions among the k
-        by_fold = torch.as_tensor(np.concatenate([f1, f2]), device=X_train.device)
-        step = batch_size or max(1, _BATCH_BYTES // (8 * 8 * k * (X_train.shape[1] + len(cols))))
+        by_fold = torch.as_tensor(np.concatenate([f1, f2]), device=dev)
+        step = batch_size or max(1, _BATCH_BYTES // (8 * 8 * k * (X_test.shape[1] + len(cols))))
         errors = []
         for lo in range(0, len(X_test), step):
-            Xl, Yl = X_train[order[lo:lo + step, :k][:, by_fold]], Yg_train[order[lo:lo + step, :k][:, by_fold]]
+            Xl, Yl = take(order[lo:lo + step, :k][:, by_fold], cols)
             mx, my = Xl.mean(1, keepdim=True), Yl.mean(1, keepdim=True)
             pred = _LocalRidge(Xl.sub_(mx), len(f1), alphas, alpha_type).fit_predict(
                 Yl.sub_(my), X_test[lo:lo + step, None, :] - mx, w)

@@ -1,4 +1,4 @@
-"""GFRE and GFRD for features larger than memory: the matrix from row chunks read off disk.
+"""GFRE, GFRD and LFRE for features larger than memory: the matrix from row chunks read off disk.
 
 :func:`streamed_matrix` gives the numbers of :func:`~umlip_latents.metrics.reconstruction_matrix`
 (same split, scaling, CV folds, alphas and alpha choice) while holding only chunks of rows and
@@ -19,6 +19,16 @@ in float64 a component of singular value ``s`` carries a relative error of about
 ``eps s_max / s`` instead of ``eps`` (1e-7 at the smallest relative alpha, 1e-9), which is
 what the tests allow on rank-deficient data (1e-6); on well-conditioned data the values agree
 to 1e-8 relative or better.
+
+LFRE (:class:`_LocalPass`) keeps the test rows in memory (its cost is a local fit per test row)
+and streams the training rows twice: an exact nearest-neighbour search, chunk by chunk, keeping
+each test row's ``k`` nearest so far (skmatter's squared-distance expression, merged with
+``torch.topk``), then the neighbours' rows of every model, read by index for a batch of test
+rows at a time, feed the local fits of the in-memory engine
+(:func:`~umlip_latents.metrics._engine.local_fits`). Only the order of the training mean's
+summation differs from the in-memory engine, so the values agree to rounding (unless two
+training rows lie at exactly the same distance from a test row, where the two searches may
+keep different ones).
 
 Rows come from arrays, memory maps or ``.npy`` files; a memory map or a file is read with
 plain file reads (:class:`NpyRows`), so the pages read are not kept mapped in this process and
@@ -41,14 +51,20 @@ from ._engine import (
     _check_alphas,
     _cv_rmse,
     _device,
+    _clamp_local_points,
     _kfold,
     _offsets,
+    _rms,
     _safe_inv,
+    local_fits,
 )
-from .matrix import percentile_interval, split_indices
+from ..threads import one_cpu_thread
+from .matrix import local_points, percentile_interval, split_indices
 
 #: metrics :func:`streamed_matrix` computes
-STREAMED_METRICS = ("gfre", "gfrd")
+STREAMED_METRICS = ("gfre", "gfrd", "lfre")
+#: elements of one block of test-to-training squared distances in the neighbour search
+_DISTANCE_ELEMENTS = 2 ** 25
 #: bytes of one float64 chunk of all models' columns
 _CHUNK_BYTES = 2 ** 26
 
@@ -91,6 +107,14 @@ class NpyRows:
                           offset=self.offset + lo * d * self.dtype.itemsize)
         return out.reshape(hi - lo, d)
 
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` (sorted, unique) as a new array; the file is mapped only during the call."""
+        mapped = np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset, shape=self.shape)
+        try:
+            return np.array(mapped[rows])
+        finally:
+            del mapped
+
 
 class _ArrayRows:
     def __init__(self, array):
@@ -101,6 +125,9 @@ class _ArrayRows:
 
     def read(self, lo: int, hi: int) -> np.ndarray:
         return np.asarray(self.array[lo:hi])
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        return np.asarray(self.array[rows])
 
 
 def rows_of(source):
@@ -269,9 +296,97 @@ class _Pass:
         return {metric: (v / self.n_test).sqrt().cpu().numpy() for metric, v in sums.items()}
 
 
+class _LocalPass:
+    """LFRE of every pair on one split: neighbours found chunk by chunk, their rows read by index."""
+
+    def __init__(self, base: _Pass, n_local_points, batch_size=None):
+        torch = base.torch
+        self.base, self.torch, self.batch_size = base, torch, batch_size
+        widths, off = base.widths, base.off
+        self.ks = [_clamp_local_points([local_points(n_local_points, widths[s], w) for w in widths],
+                                       base.n_train, stacklevel=5) for s in range(len(widths))]
+        total = torch.zeros(off[-1], dtype=torch.float64, device=base.dev)
+        for lo, hi in _chunks(len(base.role), base.step):   # base.mean is set: blocks come centred
+            block = base._block(lo, hi, lambda role: role >= 0)
+            if block is not None:
+                total += (block ** 2).sum(0)
+        var = torch.stack([total[a:b].sum() for a, b in zip(off[:-1], off[1:])]) / base.n_train
+        for m, v in enumerate(var.tolist()):
+            if v < 1e-12:
+                raise ValueError(f"features[{base.names[m]!r}] have zero variance on the training rows; "
+                                 "they cannot be scaled")
+        self.col_scale = torch.repeat_interleave(torch.sqrt(var), torch.as_tensor(widths, device=base.dev))
+        tests = [b for lo, hi in _chunks(len(base.role), base.step)
+                 if (b := base._block(lo, hi, lambda role: role == -1)) is not None]
+        self.test = torch.cat(tests) / self.col_scale
+
+    def neighbours(self) -> list:
+        """Per source, the (n_test, max k) training rows (file positions) nearest each test row, nearest first."""
+        torch, base = self.torch, self.base
+        sources = list(zip(base.off[:-1], base.off[1:]))
+        kmax = [max(k) for k in self.ks]
+        best = [None] * len(sources)
+        sub = max(1, _DISTANCE_ELEMENTS // max(1, len(self.test)))
+        for lo, hi in _chunks(len(base.role), base.step):
+            mask = base.role[lo:hi] >= 0
+            block = base._block(lo, hi, lambda role: role >= 0)
+            if block is None:
+                continue
+            block /= self.col_scale
+            ids = torch.as_tensor(np.flatnonzero(mask) + lo, device=base.dev)
+            for r0 in range(0, len(block), sub):
+                part, pid = block[r0:r0 + sub], ids[r0:r0 + sub]
+                for m, (a, b) in enumerate(sources):
+                    A, Q = part[:, a:b], self.test[:, a:b]
+                    d = (A ** 2).sum(1) + (Q ** 2).sum(1)[:, None] - 2 * Q @ A.T
+                    cand = pid.expand(len(Q), -1)
+                    if best[m] is not None:
+                        d, cand = torch.cat([best[m][0], d], 1), torch.cat([best[m][1], cand], 1)
+                    keep = torch.topk(d, min(kmax[m], d.shape[1]), dim=1, largest=False, sorted=True).indices
+                    best[m] = (torch.gather(d, 1, keep), torch.gather(cand, 1, keep))
+            if base.progress:
+                base.progress("neighbours", hi, len(base.role))
+        return [b[1] for b in best]
+
+    def _take(self, rows, cols, a: int, b: int):
+        """Source columns ``a:b`` and target columns ``cols`` of training rows ``rows`` (B, k), centred and scaled."""
+        torch, base = self.torch, self.base
+        flat = rows.reshape(-1).cpu().numpy()
+        unique, inverse = np.unique(flat, return_inverse=True)
+        parts = [r.take(unique).astype(np.float64) for r in base.readers]
+        block = torch.as_tensor(np.concatenate(parts, axis=1), device=base.dev)
+        block -= base.mean
+        block /= self.col_scale
+        inverse = torch.as_tensor(inverse, device=base.dev).reshape(rows.shape)
+        return block[:, a:b][inverse], block[:, cols][inverse]
+
+    def errors(self, opts) -> np.ndarray:
+        """RMS LFRE of every (source, target): (k, k)."""
+        base = self.base
+        order = self.neighbours()
+        n = len(base.widths)
+        out = np.zeros((n, n))
+        with one_cpu_thread(base.dev):  # thousands of small fits (see the in-memory engine)
+            self._fits(order, opts, out)
+        return out
+
+    def _fits(self, order, opts, out) -> None:
+        base, n = self.base, len(self.base.widths)
+        for m, (a, b) in enumerate(zip(base.off[:-1], base.off[1:])):
+            errs = local_fits(order[m], lambda rows, cols: self._take(rows, cols, a, b), self.test[:, a:b],
+                              self.test, base.widths, self.ks[m], alphas=opts["alphas"],
+                              alpha_type=opts["alpha_type"], random_state=opts["random_state"],
+                              batch_size=self.batch_size)
+            for t, e in enumerate(errs):
+                out[m, t] = _rms(e.cpu().numpy())
+            if base.progress:
+                base.progress("local fits", m + 1, n)
+
+
 def streamed_matrix(sources, metric=("gfre",), test_size=1000, stratify=None, seed=0, n_boot=0, device="auto", *,
-                    alphas=None, alpha_type="relative", random_state=RANDOM_STATE, chunk_rows=None, progress=None):
-    """Every model reconstructing every model, GFRE and GFRD, out of core.
+                    alphas=None, alpha_type="relative", random_state=RANDOM_STATE, chunk_rows=None, progress=None,
+                    n_local_points=None, batch_size=None):
+    """Every model reconstructing every model, GFRE, GFRD and LFRE, out of core.
 
     The numbers of :func:`~umlip_latents.metrics.reconstruction_matrix` with the same
     arguments (see the module docstring for how close), for features read a chunk of rows at a
@@ -281,10 +396,10 @@ def streamed_matrix(sources, metric=("gfre",), test_size=1000, stratify=None, se
     ----------
     sources : mapping model key -> .npy path, memory map, FeatureSet or array (n_atoms, D)
         The same atoms in the same order in every source.
-    metric : "gfre", "gfrd" or a list of them
-    test_size, stratify, seed, n_boot, device, alphas, alpha_type, random_state
+    metric : "gfre", "gfrd", "lfre" or a list of them
+    test_size, stratify, seed, n_boot, device, alphas, alpha_type, random_state, n_local_points, batch_size
         As in :func:`~umlip_latents.metrics.reconstruction_matrix` (``stratify``: labels per
-        atom, or None).
+        atom, or None). LFRE holds the test rows in memory.
     chunk_rows : int, optional
         Rows per chunk (default: about 64 MB of float64 over all models' columns).
     progress : callable(stage, done, total), optional
@@ -324,13 +439,23 @@ def streamed_matrix(sources, metric=("gfre",), test_size=1000, stratify=None, se
     if step < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     labels = None if stratify is None else np.asarray(stratify)
+    if isinstance(n_local_points, str) and n_local_points != "determined":
+        raise ValueError(f"n_local_points must be an integer, 'determined' or None, got {n_local_points!r}")
+    if isinstance(n_local_points, int) and not 2 <= n_local_points <= n:
+        raise ValueError(f"n_local_points={n_local_points}: must be at least 2 and at most the {n} atoms")
 
     def one(split_seed):
         train_idx, test_idx = split_indices(n, test_size, labels, split_seed)
         p = _Pass(readers, names, train_idx, test_idx, opts, dev, step, progress)
         p.means()
-        p.factors()
-        return p.errors(metrics), len(train_idx), len(test_idx)
+        out = {}
+        if "lfre" in metrics:
+            out["lfre"] = _LocalPass(p, n_local_points, batch_size).errors(opts)
+        global_metrics = [m for m in metrics if m != "lfre"]
+        if global_metrics:
+            p.factors()
+            out.update(p.errors(global_metrics))
+        return out, len(train_idx), len(test_idx)
 
     values, n_train, n_test = one(seed)
     boots = [one(seed + 1 + b)[0] for b in range(n_boot)]
@@ -346,7 +471,7 @@ def streamed_matrix(sources, metric=("gfre",), test_size=1000, stratify=None, se
                                for b, r in enumerate(reps)]
     df = pd.DataFrame(rows, columns=["source", "target", "metric", "value", "ci_low", "ci_high"])
     df.attrs.update(n_train=n_train, n_test=n_test, seed=seed, n_boot=n_boot, device=str(dev), test_size=test_size,
-                    alpha_type=alpha_type, alphas=opts["alphas"].tolist(), streamed=True, chunk_rows=step)
+                    n_local_points=n_local_points, alpha_type=alpha_type, alphas=opts["alphas"].tolist(), streamed=True, chunk_rows=step)
     if boots:
         df.attrs["replicates"] = replicates
     return df
