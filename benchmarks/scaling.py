@@ -10,8 +10,13 @@ engine (:func:`umlip_latents.metrics.reconstruction_matrix`, the baseline, in an
 computes the same matrix: the report gives both times, their ratio and the largest relative
 difference of the values.
 
+The LFRE matrix (``--lfre-test`` test atoms, the rest train, k = min(D_s, D_t)) is computed at
+every size too, by the streamed neighbour search and local fits, and at ``--equal-at`` by the
+in-memory engine as well.
+
 Prints one JSON object: ``results`` (one row per size: ``atoms, models, dims, seconds,
-peak_rss_gb, us_per_atom``) and ``equality``.
+peak_rss_gb, us_per_atom``), ``equality``, and the same for LFRE (``lfre_results``,
+``lfre_equality``).
 
     .venv/bin/python benchmarks/scaling.py [--atoms 10000 100000 1000000] [--models 8] [--dim 256]
 """
@@ -69,17 +74,18 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
-def child(mode: str, paths: list[str], out: str) -> None:
+def child(mode: str, paths: list[str], out: str, lfre_test: int) -> None:
     import numpy as np
 
     from umlip_latents.metrics import reconstruction_matrix
     from umlip_latents.metrics.streaming import streamed_matrix
 
+    metric, test_size = ("lfre", lfre_test) if mode.endswith("lfre") else ("gfre", 0.5)
     t0 = time.perf_counter()
-    if mode == "streamed":
-        df = streamed_matrix({Path(p).stem: p for p in paths}, "gfre", test_size=0.5, seed=0, device="cpu")
+    if mode.startswith("streamed"):
+        df = streamed_matrix({Path(p).stem: p for p in paths}, metric, test_size=test_size, seed=0, device="cpu")
     else:
-        df = reconstruction_matrix({Path(p).stem: np.load(p) for p in paths}, "gfre", test_size=0.5, seed=0,
+        df = reconstruction_matrix({Path(p).stem: np.load(p) for p in paths}, metric, test_size=test_size, seed=0,
                                    device="cpu")
     seconds = time.perf_counter() - t0
     peak = peak_rss_gb()
@@ -87,8 +93,9 @@ def child(mode: str, paths: list[str], out: str) -> None:
     print(json.dumps({"seconds": seconds, "peak_rss_gb": peak}))
 
 
-def run_child(mode: str, paths: list[Path], out: Path) -> dict:
-    cmd = [sys.executable, __file__, "--child", mode, "--out", str(out), "--paths", *map(str, paths)]
+def run_child(mode: str, paths: list[Path], out: Path, lfre_test: int = 0) -> dict:
+    cmd = [sys.executable, __file__, "--child", mode, "--out", str(out), "--lfre-test", str(lfre_test),
+           "--paths", *map(str, paths)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode:
         raise SystemExit(f"{mode} run failed:\n{res.stderr[-3000:]}")
@@ -104,12 +111,13 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget-gb", type=float, default=4.0, help="peak resident memory allowed at the largest size")
     p.add_argument("--workdir", default=None, help="where the synthetic stores go (default: a temporary folder)")
-    p.add_argument("--child", choices=["streamed", "memory"], help=argparse.SUPPRESS)
+    p.add_argument("--lfre-test", type=int, default=200, help="test atoms of the LFRE matrix (0: no LFRE)")
+    p.add_argument("--child", choices=["streamed", "memory", "streamed-lfre", "memory-lfre"], help=argparse.SUPPRESS)
     p.add_argument("--paths", nargs="+", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        child(args.child, args.paths, args.out)
+        child(args.child, args.paths, args.out, args.lfre_test)
         return 0
 
     import numpy as np
@@ -118,7 +126,7 @@ def main(argv=None) -> int:
     from umlip_latents.provenance import run_info
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="umlip-scaling-"))
-    results, equality = [], None
+    results, equality, lfre_results, lfre_equality = [], None, [], None
     try:
         for atoms in sorted(args.atoms):
             folder = work / f"store-{atoms}"
@@ -131,6 +139,23 @@ def main(argv=None) -> int:
                             "us_per_atom": round(1e6 * streamed["seconds"] / atoms, 2),
                             "inputs_gb": round(atoms * args.models * args.dim * 4 / 1e9, 3),
                             "store_written_s": round(made, 1)})
+            if args.lfre_test:
+                lfre = run_child("streamed-lfre", paths, folder / "lfre.parquet", args.lfre_test)
+                lfre_results.append({"atoms": atoms, "models": args.models, "dims": args.dim,
+                                     "test_atoms": args.lfre_test, "seconds": round(lfre["seconds"], 2),
+                                     "peak_rss_gb": round(lfre["peak_rss_gb"], 3),
+                                     "us_per_train_atom": round(1e6 * lfre["seconds"] / (atoms - args.lfre_test), 2)})
+                if atoms == args.equal_at:
+                    memory = run_child("memory-lfre", paths, folder / "lfre-memory.parquet", args.lfre_test)
+                    a = pd.read_parquet(folder / "lfre-memory.parquet").value.to_numpy()
+                    b = pd.read_parquet(folder / "lfre.parquet").value.to_numpy()
+                    off = np.abs(a) > 1e-6
+                    lfre_equality = {"atoms": atoms, "test_atoms": args.lfre_test,
+                                     "max_rel_diff": float(np.max(np.abs(a - b)[off] / np.abs(a)[off])),
+                                     "max_abs_diff": float(np.max(np.abs(a - b))),
+                                     "memory_seconds": round(memory["seconds"], 2),
+                                     "memory_peak_rss_gb": round(memory["peak_rss_gb"], 3),
+                                     "streamed_seconds": round(lfre["seconds"], 2)}
             if atoms == args.equal_at:
                 memory = run_child("memory", paths, folder / "memory.parquet")
                 a = pd.read_parquet(folder / "memory.parquet").value.to_numpy()
@@ -148,11 +173,12 @@ def main(argv=None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     budget = args.budget_gb
     largest = max(results, key=lambda r: r["atoms"])
+    within = largest["peak_rss_gb"] <= budget and all(r["peak_rss_gb"] <= budget for r in lfre_results)
     print(json.dumps({"run": run_info(), "settings": {"test_size": 0.5, "metric": "gfre", "models": args.models,
                                                       "dims": args.dim, "budget_gb": budget},
-                      "results": results, "equality": equality,
-                      "within_budget": largest["peak_rss_gb"] <= budget}, indent=1))
-    return 0 if largest["peak_rss_gb"] <= budget else 1
+                      "results": results, "equality": equality, "lfre_results": lfre_results,
+                      "lfre_equality": lfre_equality, "within_budget": within}, indent=1))
+    return 0 if within else 1
 
 
 if __name__ == "__main__":

@@ -158,8 +158,12 @@ def _synthetic_reports():
     scaling = {"settings": {"budget_gb": 4.0}, "equality": {"atoms": 200, "max_rel_diff": 1e-15},
                "results": [{"atoms": a, "models": 2, "dims": 4, "seconds": a / 100, "peak_rss_gb": 0.5}
                            for a in (100, 200)]}
+    cluster = {"results": {"fam-a": {"structures": 12, "one_process_s": 4.0, "dask_local_2_s": 2.5, "dask_speedup": 1.6,
+                                     "forked_speedup": 1.8, "dask_speedup_cold": 0.9, "identical": True},
+                           "fam-b": {"structures": 12, "one_process_s": 4.0, "dask_local_2_s": 5.0, "dask_speedup": 0.8,
+                                     "identical": False}}}
     return {"extraction": extraction, "reconstruction": reconstruction, "pooling": pooling, "memory": memory,
-            "scaling": scaling}
+            "scaling": scaling, "cluster_extraction": cluster}
 
 
 def test_summary_numbers_are_recomputed_from_the_report():
@@ -182,8 +186,13 @@ def test_summary_numbers_are_recomputed_from_the_report():
     assert mem[0].endswith("1,000 atoms × 2 models × 4 features peaks at 5 GB of resident memory, over the 4 GB "
                            "budget (125 % of it).")
     assert "2.5 times the size of the inputs (2 GB)" in mem[1] and "4 pairs took 3 s; every value is finite" in mem[2]
+    dask = benchmark_report.summary("cluster_extraction", reports["cluster_extraction"])
+    assert dask[0] == ("fam-a: a local Dask cluster of 2 workers extracted 12 structures in 2.5 s against 4 s in one "
+                       "process (a factor of 1.6; two forked workers: 1.8); 0.9 with the cluster's start-up and each "
+                       "worker loading the model; the entries are byte-identical to the one-process run's.")
+    assert dask[1].endswith("(a factor of 0.8); the entries are NOT byte-identical to the one-process run's.")
     md = benchmark_report.benchmarks_markdown({}, reports)
-    assert all(line in md for line in ext + rec + pool + mem)
+    assert all(line in md for line in ext + rec + pool + mem + dask)
 
 
 def test_reference_summary_quotes_the_committed_reports():
@@ -429,5 +438,15 @@ def test_scaling_report_summary_and_curves_come_from_its_rows():
     assert svg.startswith("<svg") and svg.count("<circle") == 6 and "\n\n" not in svg  # one HTML block
     assert "1,000,000 atoms: 280" in svg and "1,000,000 atoms: 1.2" in svg
     md = benchmark_report.benchmark_markdown("scaling", report)
-    assert "**Per size**" in md and "<svg" in md
+    assert "**GFRE per size**" in md and "<svg" in md
+    report["lfre_results"] = [{"atoms": a, "test_atoms": 200, "seconds": s, "peak_rss_gb": m}
+                              for a, s, m in ((10_000, 5.0, 0.5), (1_000_000, 90.0, 1.5))]
+    report["lfre_equality"] = {"atoms": 100_000, "max_rel_diff": 2e-7}
+    lines = benchmark_report.summary("scaling", report)
+    assert lines[3] == ("The streamed LFRE matrix for 200 test atoms took 5 s at 10,000 atoms and 90 s at 1,000,000, "
+                        "peaking at 1.5 GB of resident memory (the neighbour search reads every training atom once "
+                        "per split).")
+    assert lines[4] == "At 100,000 atoms its values equal the in-memory engine's to 2 × 10⁻⁷ relative, beyond the " \
+        "tolerance of 10⁻⁸."
+    assert "**LFRE per size**" in benchmark_report.benchmark_markdown("scaling", report)
     assert benchmark_report.scaling_svg({"results": rows[:1]}) == ""

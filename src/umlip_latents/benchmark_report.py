@@ -67,9 +67,20 @@ LABELS: dict[str, tuple[str, str | None]] = {
     "memory_seconds": ("In-memory engine", "s"), "memory_peak_rss_gb": ("In-memory engine, peak memory", "GB"),
     "streamed_seconds": ("Streamed", "s"), "memory_over_streamed_rss": ("Peak memory, in-memory over streamed", "×"),
     "test_size": ("Test fraction", None), "metric": ("Measure", None),
+    "lfre_results": ("LFRE per size", None), "lfre_equality": ("LFRE against the in-memory engine", None),
+    "us_per_train_atom": ("Time per training atom", "µs"),
+    # extraction on a cluster
+    "one_process_cold_s": ("One process, model loaded in the run", "s"), "one_process_s": ("One process", "s"),
+    "one_process_2_forked_s": ("One process, 2 forked workers", "s"), "cluster_start_s": ("Cluster start-up", "s"),
+    "dask_local_2_cold_s": ("Dask, 2 workers, models loaded in the run", "s"),
+    "dask_local_2_s": ("Dask, 2 workers", "s"), "shards": ("Shards", None), "shard_size": ("Structures per shard", None),
+    "forked_speedup": ("Speed-up, forked workers", "×"), "dask_speedup": ("Speed-up, Dask", "×"),
+    "dask_speedup_cold": ("Speed-up, Dask with start-up and loading", "×"),
+    "identical": ("Entries byte-identical", None),
 }
 #: Heading of a report's records where the generic label does not fit, by (benchmark, key).
-RECORD_TITLES = {("scaling", "results"): "Per size"}
+RECORD_TITLES = {("scaling", "results"): "GFRE per size", ("scaling", "lfre_results"): "LFRE per size",
+                 ("cluster_extraction", "results"): "Per model"}
 #: The row-name column of a mapping of records, by the mapping's key.
 INDEX_LABELS = {"orders": "Cumulant order"}
 _UNIT_SUFFIXES = {"_s": "s", "_gb": "GB", "_mb": "MB"}
@@ -90,7 +101,8 @@ TARGETS: dict[str, dict[str, float]] = {
 #: Benchmark names (report file stems) and their page titles.
 TITLES = {"extraction": "Feature extraction", "reconstruction": "Reconstruction matrices",
           "pooling": "Cumulant pooling", "memory": "Memory at the scale of the study",
-          "scaling": "Out-of-core matrices against the number of atoms"}
+          "scaling": "Out-of-core matrices against the number of atoms",
+          "cluster_extraction": "Extraction on a Dask cluster"}
 
 _SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
 
@@ -487,6 +499,45 @@ def summary_scaling(report: Mapping) -> list[str]:
             text_ += f"; the in-memory engine took {number(eq['memory_seconds'])} s and peaked at " \
                      f"{number(eq['memory_peak_rss_gb'])} GB"
         out.append(text_ + ".")
+    return out + _lfre_scaling(report)
+
+
+def _lfre_scaling(report: Mapping) -> list[str]:
+    rows = sorted((r for r in _rows(report.get("lfre_results")) if _num(r.get("atoms")) and
+                   _num(r.get("seconds")) is not None and _num(r.get("peak_rss_gb")) is not None),
+                  key=lambda r: r["atoms"])
+    if not rows:
+        return []
+    first, last = rows[0], rows[-1]
+    test = f" for {number(last['test_atoms'])} test atoms" if _num(last.get("test_atoms")) else ""
+    out = [f"The streamed LFRE matrix{test} took {number(first['seconds'])} s at {number(first['atoms'])} atoms and "
+           f"{number(last['seconds'])} s at {number(last['atoms'])}, peaking at {number(max(r['peak_rss_gb'] for r in rows))} "
+           "GB of resident memory (the neighbour search reads every training atom once per split)."]
+    eq = report.get("lfre_equality")
+    if isinstance(eq, Mapping) and _num(eq.get("max_rel_diff")) is not None:
+        rel = _num(eq["max_rel_diff"])
+        out.append(f"At {number(eq.get('atoms', 0))} atoms its values equal the in-memory engine's to {number(rel)} "
+                   f"relative{_against(rel, _tolerance('scaling', report))}.")
+    return out
+
+
+def summary_cluster_extraction(report: Mapping) -> list[str]:
+    out = []
+    for model, r in sorted((report.get("results") or {}).items()):
+        if not isinstance(r, Mapping) or _num(r.get("dask_speedup")) is None:
+            continue
+        line = f"{text(model)}: a local Dask cluster of 2 workers extracted {number(r.get('structures', 0))} " \
+               f"structures in {number(r['dask_local_2_s'])} s against {number(r['one_process_s'])} s in one process " \
+               f"(a factor of {number(r['dask_speedup'])}"
+        if _num(r.get("forked_speedup")) is not None:
+            line += f"; two forked workers: {number(r['forked_speedup'])}"
+        line += ")"
+        if _num(r.get("dask_speedup_cold")) is not None:
+            line += f"; {number(r['dask_speedup_cold'])} with the cluster's start-up and each worker loading the model"
+        if "identical" in r:
+            line += "; the entries are " + ("byte-identical" if r["identical"] is True else "NOT byte-identical") + \
+                " to the one-process run's"
+        out.append(line + ".")
     return out
 
 
@@ -555,6 +606,7 @@ def summary_generic(report: Mapping) -> list[str]:
 SUMMARIES: dict[str, Callable[[Mapping], list[str]]] = {
     "extraction": summary_extraction, "reconstruction": summary_reconstruction,
     "pooling": summary_pooling, "memory": summary_memory, "scaling": summary_scaling,
+    "cluster_extraction": summary_cluster_extraction,
 }
 
 
