@@ -162,8 +162,10 @@ def _synthetic_reports():
                                      "forked_speedup": 1.8, "dask_speedup_cold": 0.9, "identical": True},
                            "fam-b": {"structures": 12, "one_process_s": 4.0, "dask_local_2_s": 5.0, "dask_speedup": 0.8,
                                      "identical": False}}}
+    small = {"target_speedup": 20.0, "gfre": {"models": 4, "pairs": 16, "atoms": 300, "speedup": 16.04,
+                                              "max_abs_diff": 1e-16, "max_rel_diff_where_value_gt_1e-6": 0.0}}
     return {"extraction": extraction, "reconstruction": reconstruction, "pooling": pooling, "memory": memory,
-            "scaling": scaling, "cluster_extraction": cluster}
+            "scaling": scaling, "cluster_extraction": cluster, "small_panel": small}
 
 
 def test_summary_numbers_are_recomputed_from_the_report():
@@ -191,8 +193,11 @@ def test_summary_numbers_are_recomputed_from_the_report():
                        "process (a factor of 1.6; two forked workers: 1.8); 0.9 with the cluster's start-up and each "
                        "worker loading the model; the entries are byte-identical to the one-process run's.")
     assert dask[1].endswith("(a factor of 0.8); the entries are NOT byte-identical to the one-process run's.")
+    small = benchmark_report.summary("small_panel", reports["small_panel"])
+    assert "GFRE matrix (4 models, 16 pairs, 300 atoms) is 16 times as fast" in small[0]
+    assert small[-1] == "The speed-up, 16, falls short of the design's target of 20 for a small panel."
     md = benchmark_report.benchmarks_markdown({}, reports)
-    assert all(line in md for line in ext + rec + pool + mem + dask)
+    assert all(line in md for line in ext + rec + pool + mem + dask + small)
 
 
 def test_reference_summary_quotes_the_committed_reports():

@@ -76,7 +76,7 @@ LABELS: dict[str, tuple[str, str | None]] = {
     "dask_local_2_s": ("Dask, 2 workers", "s"), "shards": ("Shards", None), "shard_size": ("Structures per shard", None),
     "forked_speedup": ("Speed-up, forked workers", "×"), "dask_speedup": ("Speed-up, Dask", "×"),
     "dask_speedup_cold": ("Speed-up, Dask with start-up and loading", "×"),
-    "identical": ("Entries byte-identical", None),
+    "identical": ("Entries byte-identical", None), "target_speedup": ("Speed-up aimed at", "×"),
 }
 #: Heading of a report's records where the generic label does not fit, by (benchmark, key).
 RECORD_TITLES = {("scaling", "results"): "GFRE per size", ("scaling", "lfre_results"): "LFRE per size",
@@ -96,13 +96,15 @@ TARGETS: dict[str, dict[str, float]] = {
     "reconstruction": {"tolerance": 1e-6},
     "pooling": {"tolerance": 1e-6},
     "scaling": {"tolerance": 1e-8},
+    "small_panel": {"tolerance": 1e-6},
 }
 
 #: Benchmark names (report file stems) and their page titles.
 TITLES = {"extraction": "Feature extraction", "reconstruction": "Reconstruction matrices",
           "pooling": "Cumulant pooling", "memory": "Memory at the scale of the study",
           "scaling": "Out-of-core matrices against the number of atoms",
-          "cluster_extraction": "Extraction on a Dask cluster"}
+          "cluster_extraction": "Extraction on a Dask cluster",
+          "small_panel": "Reconstruction matrix of a small panel"}
 
 _SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
 
@@ -502,6 +504,16 @@ def summary_scaling(report: Mapping) -> list[str]:
     return out + _lfre_scaling(report)
 
 
+def summary_small_panel(report: Mapping) -> list[str]:
+    out = summary_reconstruction(report)
+    target, part = _num(report.get("target_speedup")), report.get("gfre")
+    if target and isinstance(part, Mapping) and _num(part.get("speedup")) is not None:
+        verdict = "meets" if part["speedup"] >= target else "falls short of"
+        out.append(f"The speed-up, {number(part['speedup'])}, {verdict} the design's target of {number(target)} "
+                   "for a small panel.")
+    return out
+
+
 def _lfre_scaling(report: Mapping) -> list[str]:
     rows = sorted((r for r in _rows(report.get("lfre_results")) if _num(r.get("atoms")) and
                    _num(r.get("seconds")) is not None and _num(r.get("peak_rss_gb")) is not None),
@@ -606,7 +618,7 @@ def summary_generic(report: Mapping) -> list[str]:
 SUMMARIES: dict[str, Callable[[Mapping], list[str]]] = {
     "extraction": summary_extraction, "reconstruction": summary_reconstruction,
     "pooling": summary_pooling, "memory": summary_memory, "scaling": summary_scaling,
-    "cluster_extraction": summary_cluster_extraction,
+    "cluster_extraction": summary_cluster_extraction, "small_panel": summary_small_panel,
 }
 
 
