@@ -19,6 +19,16 @@ def client():
         yield c
 
 
+class _NoWorkers:
+    """A client whose cluster has no workers (the scheduler's answer, emptied)."""
+
+    def __init__(self, client):
+        self.client, self.scheduler = client, client.scheduler
+
+    def scheduler_info(self, **kw):
+        return dict(self.client.scheduler_info(**kw), workers={})
+
+
 def assert_same_entry(store_a, store_b, model, layer="last", label="t"):
     for name in FILES:
         a, b = entry_dir(label, model, layer, store_a) / name, entry_dir(label, model, layer, store_b) / name
@@ -78,6 +88,14 @@ def test_a_model_whose_environment_has_no_worker_is_refused(client, crystals, tm
     with pytest.raises(ModelUnavailable, match=r"no worker .* environment 'sevenn'.*umlip-latents worker "
                                                r"--scheduler tcp://.* --env sevenn"):
         get_features("t", SEVENN, structures=crystals, store=tmp_path, client=client)
+    # a stored entry is served without a worker of its environment when the device is explicit
+    stored = get_features("t", MODEL, structures=crystals, store=tmp_path, device="cpu")
+    import umlip_latents.cluster as c
+
+    served = get_features("t", MODEL, structures=crystals, store=tmp_path, device="cpu", client=_NoWorkers(client))
+    assert served.meta["cache_key"] == stored.meta["cache_key"]
+    with pytest.raises(c.ModelUnavailable, match="no worker"):
+        get_features("t", MODEL, structures=crystals, store=tmp_path, client=_NoWorkers(client))
     with pytest.raises(ValueError, match="start more workers"):
         get_features("t", MODEL, structures=crystals, store=tmp_path, client=client, workers=2)
 
@@ -124,7 +142,7 @@ def test_worker_command_joins_a_running_scheduler(tmp_path):
 
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=0, dashboard_address=None, processes=True) as local, Client(local) as client:
+    with LocalCluster(n_workers=0, dashboard_address=":0", processes=True) as local, Client(local) as client:
         scheduler_file = tmp_path / "scheduler.json"
         client.write_scheduler_file(str(scheduler_file))
         proc = subprocess.Popen([sys.executable, "-m", "umlip_latents.cli", "worker", "--scheduler",

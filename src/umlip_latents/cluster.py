@@ -148,7 +148,7 @@ def local_cluster(n_workers: int, environments=("main",)):
     for env in environments:  # a missing environment is refused before anything starts
         _python(env)
     with tempfile.TemporaryDirectory(prefix="umlip-dask-") as tmp, \
-            LocalCluster(n_workers=0, dashboard_address=None, processes=True, scheduler_port=0) as cluster:
+            LocalCluster(n_workers=0, dashboard_address=":0", processes=True, scheduler_port=0) as cluster:
         procs = []
         try:
             for env in environments:

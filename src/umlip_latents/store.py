@@ -370,7 +370,8 @@ def get_features(dataset: str, model: str | ModelSpec, layer: str = "last", *, s
     client
         A ``distributed.Client``: the missing shards are extracted as tasks on its workers of
         the model's environment (:mod:`umlip_latents.cluster`), written here as they finish.
-        ``device="auto"`` is resolved by those workers; ``workers`` must be 1 (a Dask worker
+        ``device="auto"`` is resolved by those workers (so it needs one; an explicit device
+        serves a stored entry without any); ``workers`` must be 1 (a Dask worker
         runs one extraction; start more workers instead). The entry is byte-identical to a
         run without a client.
 
@@ -399,7 +400,8 @@ def get_features(dataset: str, model: str | ModelSpec, layer: str = "last", *, s
         if workers != 1:
             raise ValueError(f"workers={workers!r} with a Dask client: each Dask worker runs one extraction; "
                              "start more workers instead")
-        device = cluster.resolve_device(client, spec.environment, device, f"model {spec.key}")
+        if device == "auto":  # an explicit device is checked by the workers, when a shard is missing
+            device = cluster.resolve_device(client, spec.environment, device, f"model {spec.key}")
     if on_unsupported not in ("raise", "skip"):
         raise ValueError(f"on_unsupported must be 'raise' or 'skip', not {on_unsupported!r}")
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
