@@ -253,3 +253,14 @@ def test_matrix_of_stored_features_equals_the_in_memory_engine(capsys, tmp_path,
     assert "twice" in capsys.readouterr().err
     assert main(["matrix", *base, "--models", "diep", "--out", str(tmp_path / "m.csv")]) == 2
     assert "parquet" in capsys.readouterr().err
+    assert main(["matrix", *base, "--models", "diep", "chgnet-0.3.0", "--out", str(out), "--scheduler", "x"]) == 2
+    assert "expected local:N" in capsys.readouterr().err
+    # each split a task on a local cluster: the same matrix
+    boot = tmp_path / "boot.parquet"
+    args = ["matrix", *base, "--models", "chgnet-0.3.0", "diep", "--metric", "gfre", "lfre", "--n-boot", "2",
+            "--device", "cpu"]
+    assert main([*args, "--out", str(boot)]) == 0
+    assert main([*args, "--out", str(out), "--scheduler", "local:2"]) == 0
+    a, b = pd.read_parquet(boot), pd.read_parquet(out)
+    for col in ("value", "ci_low", "ci_high"):
+        np.testing.assert_allclose(b[col], a[col], rtol=1e-10, atol=1e-14)

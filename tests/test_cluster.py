@@ -158,3 +158,24 @@ def test_worker_command_joins_a_running_scheduler(tmp_path):
         finally:
             proc.terminate()
             proc.wait(timeout=60)
+
+
+def test_streamed_matrix_splits_as_tasks(client, tmp_path):
+    """Each split of streamed_matrix a task on the cluster: the values of a run without one."""
+    import numpy as np
+
+    from umlip_latents.metrics.streaming import streamed_matrix
+
+    rng = np.random.default_rng(0)
+    latent = rng.standard_normal((500, 6))
+    paths = {}
+    for i, d in enumerate((4, 7, 9)):
+        paths[f"m{i}"] = tmp_path / f"m{i}.npy"
+        np.save(paths[f"m{i}"], (np.tanh(latent @ rng.standard_normal((6, d))) + 0.1 *
+                                 rng.standard_normal((500, d))).astype(np.float32))
+    kw = dict(metric=["gfre", "lfre"], test_size=100, seed=1, n_boot=3, device="cpu", chunk_rows=97)
+    here, there = streamed_matrix(paths, **kw), streamed_matrix(paths, client=client, **kw)
+    for col in ("value", "ci_low", "ci_high"):
+        np.testing.assert_allclose(there[col], here[col], rtol=1e-10, atol=1e-14)
+    values = [[r["value"] for r in df.attrs["replicates"]] for df in (here, there)]
+    np.testing.assert_allclose(values[1], values[0], rtol=1e-10, atol=1e-14)

@@ -128,12 +128,25 @@ def _matrix(args) -> int:
     common = dict(test_size=test_size, seed=args.split_seed, n_boot=args.n_boot, device=args.device)
     streamed = [m for m in args.metric if m in STREAMED_METRICS]
     in_memory = [m for m in args.metric if m not in STREAMED_METRICS]
+    if args.scheduler is not None:
+        from .cluster import parse_scheduler
+
+        try:
+            parse_scheduler(args.scheduler)
+        except ValueError as exc:
+            raise StoreError(f"--scheduler {exc}") from None
     t0 = time.perf_counter()
     tables = []
     try:
         if streamed:
-            tables.append(streamed_matrix(panel, streamed, chunk_rows=args.chunk_rows,
-                                          n_local_points=args.n_local_points, **common))
+            with contextlib.ExitStack() as stack:
+                client = None
+                if args.scheduler is not None:
+                    from .cluster import connect
+
+                    client = stack.enter_context(connect(args.scheduler, ["main"]))
+                tables.append(streamed_matrix(panel, streamed, chunk_rows=args.chunk_rows, client=client,
+                                              n_local_points=args.n_local_points, **common))
         if in_memory:  # CKA holds the features in memory
             tables.append(reconstruction_matrix(panel, in_memory, n_local_points=args.n_local_points, **common))
     except ValueError as exc:
@@ -267,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--n-local-points", type=_positive, help="LFRE neighbours (default: min of the two dimensions)")
     x.add_argument("--chunk-rows", type=_positive, help="rows read at a time (default: about 64 MB of float64)")
     x.add_argument("--device", default="auto")
+    x.add_argument("--scheduler", help="compute each split (--n-boot re-drawn ones and the first) as a task on a "
+                   "Dask cluster: local:N, tcp://HOST:PORT or a scheduler .json file")
     x.add_argument("--out", required=True, help="the matrix as a .parquet table (source, target, metric, value, ci)")
     x.set_defaults(func=_matrix)
     w = sub.add_parser("worker", help="run Dask workers of one environment for `extract --scheduler`")

@@ -383,9 +383,27 @@ class _LocalPass:
                 base.progress("local fits", m + 1, n)
 
 
+def _one_split(readers, names, metrics, n, test_size, labels, split_seed, opts, device, step, n_local_points,
+               batch_size, progress=None):
+    """The metrics of one train/test split: ``({metric: (k, k) array}, n_train, n_test)``."""
+    import torch
+
+    train_idx, test_idx = split_indices(n, test_size, labels, split_seed)
+    p = _Pass(readers, names, train_idx, test_idx, opts, torch.device(device), step, progress)
+    p.means()
+    out = {}
+    if "lfre" in metrics:
+        out["lfre"] = _LocalPass(p, n_local_points, batch_size).errors(opts)
+    global_metrics = [m for m in metrics if m != "lfre"]
+    if global_metrics:
+        p.factors()
+        out.update(p.errors(global_metrics))
+    return out, len(train_idx), len(test_idx)
+
+
 def streamed_matrix(sources, metric=("gfre",), test_size=1000, stratify=None, seed=0, n_boot=0, device="auto", *,
                     alphas=None, alpha_type="relative", random_state=RANDOM_STATE, chunk_rows=None, progress=None,
-                    n_local_points=None, batch_size=None):
+                    n_local_points=None, batch_size=None, client=None):
     """Every model reconstructing every model, GFRE, GFRD and LFRE, out of core.
 
     The numbers of :func:`~umlip_latents.metrics.reconstruction_matrix` with the same
@@ -403,6 +421,12 @@ def streamed_matrix(sources, metric=("gfre",), test_size=1000, stratify=None, se
     chunk_rows : int, optional
         Rows per chunk (default: about 64 MB of float64 over all models' columns).
     progress : callable(stage, done, total), optional
+        Not called with a ``client``.
+    client : distributed.Client, optional
+        Each split (that of ``seed`` and the ``n_boot`` re-drawn ones) is one task on the
+        cluster's main-environment workers (:mod:`umlip_latents.cluster`), which read the
+        sources themselves: give ``.npy`` paths (or memory maps) on a file system they share.
+        The values are those of a run without a client.
 
     Returns
     -------
@@ -444,21 +468,19 @@ def streamed_matrix(sources, metric=("gfre",), test_size=1000, stratify=None, se
     if isinstance(n_local_points, int) and not 2 <= n_local_points <= n:
         raise ValueError(f"n_local_points={n_local_points}: must be at least 2 and at most the {n} atoms")
 
-    def one(split_seed):
-        train_idx, test_idx = split_indices(n, test_size, labels, split_seed)
-        p = _Pass(readers, names, train_idx, test_idx, opts, dev, step, progress)
-        p.means()
-        out = {}
-        if "lfre" in metrics:
-            out["lfre"] = _LocalPass(p, n_local_points, batch_size).errors(opts)
-        global_metrics = [m for m in metrics if m != "lfre"]
-        if global_metrics:
-            p.factors()
-            out.update(p.errors(global_metrics))
-        return out, len(train_idx), len(test_idx)
+    split = dict(readers=readers, names=names, metrics=metrics, n=n, test_size=test_size, labels=labels, opts=opts,
+                 device=str(dev), step=step, n_local_points=n_local_points, batch_size=batch_size)
+    seeds = [seed + b for b in range(n_boot + 1)]
+    if client is None:
+        results = [_one_split(split_seed=s, progress=progress, **split) for s in seeds]
+    else:  # one task per split on the main-environment workers (numpy, torch, scikit-learn)
+        from ..cluster import resource, require_workers
 
-    values, n_train, n_test = one(seed)
-    boots = [one(seed + 1 + b)[0] for b in range(n_boot)]
+        require_workers(client, "main", "streamed matrix")
+        futures = [client.submit(_one_split, split_seed=s, resources={resource("main"): 1}, pure=False, **split)
+                   for s in seeds]
+        results = client.gather(futures)
+    (values, n_train, n_test), boots = results[0], [r[0] for r in results[1:]]
     rows, replicates = [], []
     for m in metrics:
         for s, source in enumerate(names):
