@@ -90,11 +90,9 @@ def test_a_model_whose_environment_has_no_worker_is_refused(client, crystals, tm
         get_features("t", SEVENN, structures=crystals, store=tmp_path, client=client)
     # a stored entry is served without a worker of its environment when the device is explicit
     stored = get_features("t", MODEL, structures=crystals, store=tmp_path, device="cpu")
-    import umlip_latents.cluster as c
-
     served = get_features("t", MODEL, structures=crystals, store=tmp_path, device="cpu", client=_NoWorkers(client))
     assert served.meta["cache_key"] == stored.meta["cache_key"]
-    with pytest.raises(c.ModelUnavailable, match="no worker"):
+    with pytest.raises(ModelUnavailable, match="no worker"):
         get_features("t", MODEL, structures=crystals, store=tmp_path, client=_NoWorkers(client))
     with pytest.raises(ValueError, match="start more workers"):
         get_features("t", MODEL, structures=crystals, store=tmp_path, client=client, workers=2)
