@@ -98,14 +98,19 @@ def stored(dataset: str | None, layer: str) -> tuple[str | None, dict]:
     return best
 
 
-def best_of(repeat: int, fn):
-    """Smallest wall time of ``repeat`` calls and the last result."""
-    times = []
+def best_of(repeat: int, *fns):
+    """Smallest wall time of ``repeat`` calls of each of ``fns`` and each one's last result.
+
+    The calls alternate (one of each per round), so that a machine whose speed drifts during
+    the run (a shared VM) slows both sides of a ratio alike.
+    """
+    times, outs = [[] for _ in fns], [None] * len(fns)
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), out
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            outs[i] = fn()
+            times[i].append(time.perf_counter() - t0)
+    return [(min(t), out) for t, out in zip(times, outs)]
 
 
 def compare(features: dict, n_atoms: int, n_test: int, seed: int, device: str, metric: str, repeat: int = 1,
@@ -121,8 +126,6 @@ def compare(features: dict, n_atoms: int, n_test: int, seed: int, device: str, m
     feats = {k: np.asarray(v[rows]) for k, v in features.items()}
     n_test = min(n_test, len(rows) // 3)  # small stores: keep two thirds for training
     train_idx, test_idx = split_indices(len(rows), n_test, None, seed)
-    t_ours, ours = best_of(repeat, lambda: reconstruction_matrix(
-        feats, metric=metric, test_size=n_test, seed=seed, device=device, n_local_points=n_local_points))
     as64 = {k: v.astype(np.float64) for k, v in feats.items()}
 
     def skm(X, Y):
@@ -133,13 +136,17 @@ def compare(features: dict, n_atoms: int, n_test: int, seed: int, device: str, m
             e = sk.pointwise_local_reconstruction_error(X, Y, k, train_idx=train_idx, test_idx=test_idx)
         return np.linalg.norm(e) / np.sqrt(len(e))
 
-    t_ref, ref = best_of(repeat, lambda: {(s, t): skm(as64[s], as64[t]) for s in keys for t in keys})
+    (t_ours, ours), (t_ref, ref) = best_of(
+        repeat,
+        lambda: reconstruction_matrix(feats, metric=metric, test_size=n_test, seed=seed, device=device,
+                                      n_local_points=n_local_points),
+        lambda: {(s, t): skm(as64[s], as64[t]) for s in keys for t in keys})
     mine = ours.set_index(["source", "target"]).value
     diff = np.array([abs(mine[s, t] - ref[s, t]) for s in keys for t in keys])
     scale = np.array([abs(ref[s, t]) for s in keys for t in keys])
     return {
         "measure": metric, "n_local_points": (n_local_points or "min(D_s, D_t)") if metric == "lfre" else None,
-        "timing": f"best of {repeat}", "models": len(keys), "pairs": len(keys) ** 2, "atoms": int(len(rows)),
+        "timing": f"best of {repeat}, alternating", "models": len(keys), "pairs": len(keys) ** 2, "atoms": int(len(rows)),
         "test_atoms": int(len(test_idx)), "dims": [int(v.shape[1]) for v in feats.values()],
         "ours_s": round(t_ours, 3), "skmatter_per_pair_s": round(t_ref, 3), "speedup": round(t_ref / t_ours, 1),
         "max_abs_diff": float(diff.max()),
