@@ -143,6 +143,37 @@ def test_request_folders_of_dead_parents_are_removed(tmp_path):
     assert mine.exists() and not gone.exists()
 
 
+BEFORE_THE_REQUEST = """
+import os, sys, tempfile, time
+from pathlib import Path
+from umlip_latents.extract.worker import REQUEST_PREFIX, _Server
+server = _Server(Path(sys.executable), dict(os.environ))
+Path(tempfile.mkdtemp(prefix=f"{REQUEST_PREFIX}{os.getpid()}-"))
+time.sleep(600)  # killed here: the worker never got the request
+"""
+
+
+def test_a_parent_killed_before_handing_over_the_request_leaves_no_folder(tmp_path):
+    """The window between the request folder and the line to the worker: at the end of its
+    input the worker removes its dead parent's folders."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    parent = subprocess.Popen([sys.executable, "-c", BEFORE_THE_REQUEST], env=env)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob("umlip-worker-*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(tmp_path.glob("umlip-worker-*")), "the parent never made its folder"
+    parent.kill()
+    parent.wait()
+    while list(tmp_path.glob("umlip-worker-*")) and time.monotonic() < deadline + 60:
+        time.sleep(0.1)
+    assert list(tmp_path.glob("umlip-worker-*")) == []
+
+
 KILLED_PARENT = """
 from umlip_latents.extract.worker import call
 from umlip_latents.registry import get_spec

@@ -25,8 +25,9 @@ changed (those choose checkpoints, folders, devices and threads).
 ``UMLIP_LATENTS_KEEP_WORKERS=0`` runs one process per call instead.
 
 Request folders are named ``umlip-worker-<parent pid>-*`` in the temporary folder. Nothing is
-left when the parent is killed: a worker whose parent died mid-request removes the folder, and
-every call removes those of parents no longer alive.
+left when the parent is killed: a kept worker is started before the request folder exists, and
+one whose parent died (mid-request, or before the request reached it) removes the parent's
+folders; every call also removes those of parents no longer alive.
 """
 
 from __future__ import annotations
@@ -165,7 +166,8 @@ class _Server:
 
     def __init__(self, python: Path, env: dict):
         self.log = tempfile.TemporaryFile(mode="w+", prefix="umlip-worker-log-")
-        self.proc = subprocess.Popen([str(python), "-m", "umlip_latents.extract.worker", "--serve"], env=env,
+        command = [str(python), "-m", "umlip_latents.extract.worker", "--serve", str(os.getpid())]
+        self.proc = subprocess.Popen(command, env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
         self.owner = os.getpid()
         self.lock = threading.Lock()
@@ -253,9 +255,13 @@ def _raise_remote(err: dict, env: str) -> None:
     raise exc
 
 
+def _child_environment(env: str) -> dict:
+    return dict(os.environ, UMLIP_LATENTS_ENV=env, UMLIP_LATENTS_ROOT=str(paths.project_root()))
+
+
 def _run(env: str, python: Path, folder: Path, timeout: float) -> tuple[str | None, int, str]:
     """Run the request in ``folder``: (answer, return code, stderr tail); answer ``None`` on time-out."""
-    child_env = dict(os.environ, UMLIP_LATENTS_ENV=env, UMLIP_LATENTS_ROOT=str(paths.project_root()))
+    child_env = _child_environment(env)
     if keep_workers():
         server = _server(env, python, child_env)
         answer = server.ask(folder, timeout)
@@ -299,6 +305,10 @@ def call(env: str, op: str, payload: dict, structures: list | None = None, timeo
     n_atoms = sum(len(a) for a in structures) if structures else 0
     timeout = default_timeout(op, n_atoms) if timeout is None else float(timeout)
     remove_orphaned_requests()
+    if keep_workers():
+        # started before the request folder exists: a parent killed from then on has a worker
+        # that removes the folder (at the end of its input), whether or not it got the request
+        _server(env, python, _child_environment(env))
     with tempfile.TemporaryDirectory(prefix=f"{REQUEST_PREFIX}{os.getpid()}-") as tmp:
         tmp = Path(tmp)
         if structures is not None:
@@ -395,7 +405,7 @@ def handle(folder: str | os.PathLike) -> int:
     return 0
 
 
-def serve() -> int:
+def serve(parent: int | None = None) -> int:
     """Answer request folders read from stdin, one per line, with ``done`` on the original stdout.
 
     Anything the packages print goes to stderr, so stdout carries only the answers. An
@@ -406,7 +416,9 @@ def serve() -> int:
 
     answers = os.fdopen(os.dup(sys.stdout.fileno()), "w")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    parent = os.getppid()
+    # the pid the parent gave, not getppid() here: a parent killed while this process was still
+    # importing has already been replaced by init
+    parent = os.getppid() if parent is None else parent
     for line in sys.stdin:
         folder = Path(line.strip())
         handle(folder)
@@ -418,12 +430,19 @@ def serve() -> int:
         except BrokenPipeError:
             if folder.name.startswith(REQUEST_PREFIX):
                 shutil.rmtree(folder, ignore_errors=True)
-            return 0
+            break
+    if os.getppid() != parent:
+        # killed before it handed the request over (or while it did): its folders have no owner
+        for orphan in Path(tempfile.gettempdir()).glob(f"{REQUEST_PREFIX}{parent}-*"):
+            if orphan.is_dir() and orphan.stat().st_uid == os.getuid():
+                shutil.rmtree(orphan, ignore_errors=True)
     return 0
 
 
 def main(argv: list[str]) -> int:
-    return serve() if argv == ["--serve"] else handle(argv[0])
+    if argv[:1] == ["--serve"]:
+        return serve(int(argv[1]) if len(argv) > 1 else None)
+    return handle(argv[0])
 
 
 if __name__ == "__main__":
