@@ -264,3 +264,13 @@ def test_matrix_of_stored_features_equals_the_in_memory_engine(capsys, tmp_path,
     a, b = pd.read_parquet(boot), pd.read_parquet(out)
     for col in ("value", "ci_low", "ci_high"):
         np.testing.assert_allclose(b[col], a[col], rtol=1e-10, atol=1e-14)
+    # each pass's row ranges tasks: the matrix of the same partitions without a cluster
+    assert main([*args, "--out", str(boot), "--partitions", "2"]) == 0
+    assert main([*args, "--out", str(out), "--partitions", "2", "--scheduler", "local:2"]) == 0
+    c, d = pd.read_parquet(boot), pd.read_parquet(out)
+    for col in ("value", "ci_low", "ci_high"):
+        np.testing.assert_allclose(d[col], c[col], rtol=1e-10, atol=1e-14)
+        np.testing.assert_allclose(c[col], a[col], rtol=1e-6, atol=1e-6)  # one partition: to rounding, rank-deficient
+    capsys.readouterr()
+    assert main([*args, "--out", str(out), "--partitions", "0"]) == 2
+    assert "--partitions" in capsys.readouterr().err

@@ -177,3 +177,24 @@ def test_streamed_matrix_splits_as_tasks(client, tmp_path):
         np.testing.assert_allclose(there[col], here[col], rtol=1e-10, atol=1e-14)
     values = [[r["value"] for r in df.attrs["replicates"]] for df in (here, there)]
     np.testing.assert_allclose(values[1], values[0], rtol=1e-10, atol=1e-14)
+
+
+def test_streamed_matrix_partitions_as_tasks(client, tmp_path):
+    """partitions=3: each pass's row ranges are tasks; the values of the same partitions here."""
+    import numpy as np
+    from distributed import get_task_stream
+
+    from umlip_latents.metrics.streaming import streamed_matrix
+
+    rng = np.random.default_rng(1)
+    paths = {}
+    for i, d in enumerate((5, 8)):
+        paths[f"m{i}"] = tmp_path / f"m{i}.npy"
+        np.save(paths[f"m{i}"], rng.standard_normal((400, d)).astype(np.float32))
+    kw = dict(metric=["gfre", "gfrd"], test_size=100, seed=2, n_boot=1, device="cpu", chunk_rows=50, partitions=3)
+    here = streamed_matrix(paths, **kw)
+    with get_task_stream(client) as stream:
+        there = streamed_matrix(paths, client=client, **kw)
+    np.testing.assert_allclose(there.value, here.value, rtol=1e-12, atol=1e-15)
+    partials = [t for t in stream.data if str(t["key"]).startswith("_partial")]
+    assert len(partials) == 2 * 3 * 3  # 2 splits x 3 passes (means, factors, errors) x 3 partitions

@@ -50,6 +50,32 @@ def test_streamed_equals_in_memory_on_well_conditioned_features(chunk_rows):
     assert (off.value > 0.05).all()  # the values compared are not all ~0
 
 
+@pytest.mark.parametrize("partitions", [2, 7, 400])
+def test_partitions_change_the_values_only_by_rounding(partitions):
+    """Partial sums and R factors per row range, combined in order: the one-pass values to
+    rounding. 400 partitions of ~2 rows leave many without test rows or rows of a CV fold."""
+    feats = _panel()
+    kw = dict(metric=["gfre", "gfrd"], test_size=0.4, seed=3, device="cpu", chunk_rows=97)
+    one, many = streamed_matrix(feats, **kw), streamed_matrix(feats, partitions=partitions, **kw)
+    _compare(one, many, 1e-11)
+    assert many.attrs["partitions"] == partitions and one.attrs["partitions"] == 1
+    again = streamed_matrix(feats, partitions=partitions, **kw)
+    assert again.value.to_numpy().tobytes() == many.value.to_numpy().tobytes()
+
+
+def test_partitions_on_rank_deficient_features():
+    feats = _rank_deficient(_panel())
+    ref = reconstruction_matrix(feats, ["gfre", "gfrd"], test_size=300, seed=0, device="cpu")
+    got = streamed_matrix(feats, ["gfre", "gfrd"], test_size=300, seed=0, device="cpu", chunk_rows=211, partitions=3)
+    _compare(ref, got, 1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, "2", True])
+def test_bad_partitions_are_refused(bad):
+    with pytest.raises(ValueError, match="partitions must be a positive integer"):
+        streamed_matrix(_panel(), "gfre", device="cpu", partitions=bad)
+
+
 def test_streamed_equals_in_memory_on_rank_deficient_features():
     feats = _rank_deficient(_panel())
     ref = reconstruction_matrix(feats, ["gfre", "gfrd"], test_size=300, seed=0, device="cpu")

@@ -146,6 +146,7 @@ def _matrix(args) -> int:
 
                     client = stack.enter_context(connect(args.scheduler, ["main"]))
                 tables.append(streamed_matrix(panel, streamed, chunk_rows=args.chunk_rows, client=client,
+                                              partitions=args.partitions,
                                               n_local_points=args.n_local_points, **common))
         if in_memory:  # CKA holds the features in memory
             tables.append(reconstruction_matrix(panel, in_memory, n_local_points=args.n_local_points, **common))
@@ -280,8 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--n-local-points", type=_positive, help="LFRE neighbours (default: min of the two dimensions)")
     x.add_argument("--chunk-rows", type=_positive, help="rows read at a time (default: about 64 MB of float64)")
     x.add_argument("--device", default="auto")
-    x.add_argument("--scheduler", help="compute each split (--n-boot re-drawn ones and the first) as a task on a "
-                   "Dask cluster: local:N, tcp://HOST:PORT or a scheduler .json file")
+    x.add_argument("--partitions", type=_positive, default=1,
+                   help="row ranges each pass over the rows is cut into; with --scheduler each is a task "
+                   "(default 1: each split is one task); the same value gives the same numbers with or without")
+    x.add_argument("--scheduler", help="compute on a Dask cluster: local:N, tcp://HOST:PORT or a scheduler .json "
+                   "file (each split a task, or each partition of each pass with --partitions)")
     x.add_argument("--out", required=True, help="the matrix as a .parquet table (source, target, metric, value, ci)")
     x.set_defaults(func=_matrix)
     w = sub.add_parser("worker", help="run Dask workers of one environment for `extract --scheduler`")

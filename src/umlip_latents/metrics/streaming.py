@@ -12,6 +12,12 @@ per-model factors in memory. Three passes over the rows:
    total variance is the trace of a model's Gram block; scaling is applied to the factors;
 3. the test rows: each source's reconstruction of every target and its residual, explicitly.
 
+Each pass can be cut into contiguous row ranges (``partitions``): every range gives its partial
+(column sums; Gram matrices and per-model ``R``; summed squared residuals), and the partials
+are combined first to last (sums added, ``R`` factors by the QR of the stacked pair). With a
+Dask client the ranges are tasks on the workers, so one split's passes spread over a cluster;
+the same ``partitions`` give the same values with or without one.
+
 The in-memory engine uses ``U_a^T Q_a^T Y_a``; here the same quantity is ``S_a^-1 V_a^T
 X_a^T Y_a`` (``R_a = U_a S_a V_a^T``, ``X_a = Q_a R_a``), and every other term of the CV error
 is a product of ``R_b``, ``V_a / s_a`` and Gram blocks. In exact arithmetic nothing changes;
@@ -157,18 +163,40 @@ def rows_of(source):
     return _ArrayRows(array)
 
 
-def _chunks(n: int, step: int):
-    for lo in range(0, n, step):
+def _chunks(n: int, step: int, start: int = 0):
+    """Row ranges of ``step`` rows from ``start`` to ``n``."""
+    for lo in range(start, n, step):
         yield lo, min(lo + step, n)
+
+
+def partition_bounds(n: int, partitions: int) -> list[tuple[int, int]]:
+    """``partitions`` contiguous row ranges of about equal size covering ``0..n`` (none empty)."""
+    edges = np.linspace(0, n, min(int(partitions), n) + 1).round().astype(int)
+    return [(int(lo), int(hi)) for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]
+
+
+def _in_order(parts, add):
+    """Partials combined first to last: the first as it is, then ``add(total, part)`` for the others."""
+    total = parts[0]
+    for part in parts[1:]:
+        total = add(total, part)
+    return total
+
+
+def _partial(p: "_Pass", name: str, lo: int, hi: int, *args):
+    """``p.<name>(lo, hi, *args)``: one partition's part of a pass (a task on a cluster's worker)."""
+    return getattr(p, name)(lo, hi, *args)
 
 
 class _Pass:
     """One split's sufficient statistics and fits, accumulated chunk by chunk."""
 
-    def __init__(self, readers, names, train_idx, test_idx, opts, dev, step, progress):
+    def __init__(self, readers, names, train_idx, test_idx, opts, dev, step, progress, partitions=1, client=None):
         import torch
 
         self.readers, self.names, self.dev, self.step, self.progress = readers, names, dev, step, progress
+        self.bounds = partition_bounds(len(readers[0]), partitions)
+        self.client = client
         self.widths = [r.shape[1] for r in readers]
         self.off = _offsets(self.widths)
         n = len(readers[0])
@@ -182,6 +210,27 @@ class _Pass:
         self.opts = opts
         self.torch = torch
         self.mean = None
+
+    def __getstate__(self):
+        # what a partition task needs: not the module, client or progress callback, nor the
+        # factors (D x D per fold) that only the combining process uses
+        return {k: v for k, v in self.__dict__.items() if k not in ("torch", "client", "progress", "gram", "R")}
+
+    def __setstate__(self, state):
+        import torch
+
+        self.__dict__.update(state, torch=torch, client=None, progress=None)
+
+    def _map(self, name: str, *args) -> list:
+        """``name``'s partial of every partition, in partition order: tasks on the client's
+        main-environment workers, or here one after another (the same values either way)."""
+        if self.client is None:
+            return [getattr(self, name)(lo, hi, *args) for lo, hi in self.bounds]
+        from ..cluster import resource
+
+        futures = [self.client.submit(_partial, self, name, lo, hi, *args, resources={resource("main"): 1},
+                                      pure=False) for lo, hi in self.bounds]
+        return self.client.gather(futures)
 
     def _block(self, lo, hi, mask_of):
         """Rows ``lo:hi`` where ``mask_of(role)`` holds, all models side by side, centred (float64 tensor)."""
@@ -199,29 +248,44 @@ class _Pass:
             block -= self.mean
         return block
 
-    def means(self):
+    def _sum_part(self, lo: int, hi: int):
         total = self.torch.zeros(self.off[-1], dtype=self.torch.float64, device=self.dev)
-        for lo, hi in _chunks(len(self.role), self.step):
-            block = self._block(lo, hi, lambda role: role >= 0)
+        for c0, c1 in _chunks(hi, self.step, lo):
+            block = self._block(c0, c1, lambda role: role >= 0)
             if block is not None:
                 total += block.sum(0)
-        self.mean = total / self.n_train
+        return total
+
+    def means(self):
+        self.mean = _in_order(self._map("_sum_part"), lambda a, b: a + b) / self.n_train
+
+    def _factor_part(self, lo: int, hi: int):
+        """Rows ``lo:hi``'s Gram matrices and per-model R factors of both CV folds (centred, unscaled)."""
+        torch = self.torch
+        D = self.off[-1]
+        gram = [torch.zeros(D, D, dtype=torch.float64, device=self.dev) for _ in range(2)]
+        R = [[torch.zeros(0, w, dtype=torch.float64, device=self.dev) for w in self.widths] for _ in range(2)]
+        for c0, c1 in _chunks(hi, self.step, lo):
+            for f in (0, 1):
+                block = self._block(c0, c1, lambda role, f=f: role == f)
+                if block is None:
+                    continue
+                gram[f].addmm_(block.T, block)
+                for m, (a, b) in enumerate(zip(self.off[:-1], self.off[1:])):
+                    R[f][m] = torch.linalg.qr(torch.cat([R[f][m], block[:, a:b]]), mode="r").R
+            if self.progress:
+                self.progress("factors", c1, len(self.role))
+        return gram, R
 
     def factors(self):
         torch = self.torch
-        D = self.off[-1]
-        self.gram = [torch.zeros(D, D, dtype=torch.float64, device=self.dev) for _ in range(2)]
-        self.R = [[torch.zeros(0, w, dtype=torch.float64, device=self.dev) for w in self.widths] for _ in range(2)]
-        for lo, hi in _chunks(len(self.role), self.step):
-            for f in (0, 1):
-                block = self._block(lo, hi, lambda role, f=f: role == f)
-                if block is None:
-                    continue
-                self.gram[f].addmm_(block.T, block)
-                for m, (a, b) in enumerate(zip(self.off[:-1], self.off[1:])):
-                    self.R[f][m] = torch.linalg.qr(torch.cat([self.R[f][m], block[:, a:b]]), mode="r").R
-            if self.progress:
-                self.progress("factors", hi, len(self.role))
+
+        def add(total, part):  # Gram matrices add; R factors of stacked rows: the R of the stacked Rs
+            return ([g + h for g, h in zip(total[0], part[0])],
+                    [[R if len(S) == 0 else (S if len(R) == 0 else torch.linalg.qr(torch.cat([R, S]), mode="r").R)
+                      for R, S in zip(rs, ss)] for rs, ss in zip(total[1], part[1])])
+
+        self.gram, self.R = _in_order(self._map("_factor_part"), add)
         var = torch.stack([torch.diagonal(self.gram[0] + self.gram[1])[a:b].sum()
                            for a, b in zip(self.off[:-1], self.off[1:])]) / self.n_train
         for m, v in enumerate(var.tolist()):
@@ -271,13 +335,19 @@ class _Pass:
         return Vs, W, rotations
 
     def errors(self, metrics):
-        """Mean squared pointwise error of every (metric, source, target) on the test rows."""
-        torch = self.torch
+        """RMS error of every (metric, source, target) on the test rows: ``{metric: (k, k)}``."""
         fits = [self.fit(m, "gfrd" in metrics) for m in range(len(self.widths))]
+        sums = _in_order(self._map("_error_part", fits, metrics),
+                         lambda total, part: {metric: total[metric] + part[metric] for metric in metrics})
+        return {metric: (v / self.n_test).sqrt().cpu().numpy() for metric, v in sums.items()}
+
+    def _error_part(self, lo: int, hi: int, fits, metrics):
+        """Summed squared pointwise errors of rows ``lo:hi``'s test rows: ``{metric: (k, k) tensor}``."""
+        torch = self.torch
         k = len(self.widths)
         sums = {metric: torch.zeros(k, k, dtype=torch.float64, device=self.dev) for metric in metrics}
-        for lo, hi in _chunks(len(self.role), self.step):
-            Y = self._block(lo, hi, lambda role: role == -1)
+        for c0, c1 in _chunks(hi, self.step, lo):
+            Y = self._block(c0, c1, lambda role: role == -1)
             if Y is None:
                 continue
             Y /= self.col_scale
@@ -292,8 +362,8 @@ class _Pass:
                         pad = torch.nn.functional.pad(P[:, a:b], (0, orth.shape[1] - (b - a)))
                         sums["gfrd"][m, t] += ((pad - orth) ** 2).sum()
             if self.progress:
-                self.progress("test", hi, len(self.role))
-        return {metric: (v / self.n_test).sqrt().cpu().numpy() for metric, v in sums.items()}
+                self.progress("test", c1, len(self.role))
+        return sums
 
 
 class _LocalPass:
@@ -384,12 +454,15 @@ class _LocalPass:
 
 
 def _one_split(readers, names, metrics, n, test_size, labels, split_seed, opts, device, step, n_local_points,
-               batch_size, progress=None):
-    """The metrics of one train/test split: ``({metric: (k, k) array}, n_train, n_test)``."""
+               batch_size, partitions=1, progress=None, client=None):
+    """The metrics of one train/test split: ``({metric: (k, k) array}, n_train, n_test)``.
+
+    With a ``client``, each pass's partitions are tasks on its workers (LFRE runs here).
+    """
     import torch
 
     train_idx, test_idx = split_indices(n, test_size, labels, split_seed)
-    p = _Pass(readers, names, train_idx, test_idx, opts, torch.device(device), step, progress)
+    p = _Pass(readers, names, train_idx, test_idx, opts, torch.device(device), step, progress, partitions, client)
     p.means()
     out = {}
     if "lfre" in metrics:
@@ -403,7 +476,7 @@ def _one_split(readers, names, metrics, n, test_size, labels, split_seed, opts, 
 
 def streamed_matrix(sources, metric=("gfre",), test_size=1000, stratify=None, seed=0, n_boot=0, device="auto", *,
                     alphas=None, alpha_type="relative", random_state=RANDOM_STATE, chunk_rows=None, progress=None,
-                    n_local_points=None, batch_size=None, client=None):
+                    n_local_points=None, batch_size=None, partitions=1, client=None):
     """Every model reconstructing every model, GFRE, GFRD and LFRE, out of core.
 
     The numbers of :func:`~umlip_latents.metrics.reconstruction_matrix` with the same
@@ -422,11 +495,19 @@ def streamed_matrix(sources, metric=("gfre",), test_size=1000, stratify=None, se
         Rows per chunk (default: about 64 MB of float64 over all models' columns).
     progress : callable(stage, done, total), optional
         Not called with a ``client``.
+    partitions : int
+        Contiguous row ranges each pass over the rows (means, factors, test errors) is cut
+        into; their partial sums and R factors are combined first to last. One (the default)
+        is one pass over all rows. More partitions change the values only by rounding (the
+        order of the sums), and the same ``partitions`` give the same values with or without
+        a client.
     client : distributed.Client, optional
-        Each split (that of ``seed`` and the ``n_boot`` re-drawn ones) is one task on the
-        cluster's main-environment workers (:mod:`umlip_latents.cluster`), which read the
-        sources themselves: give ``.npy`` paths (or memory maps) on a file system they share.
-        The values are those of a run without a client.
+        Tasks on the cluster's main-environment workers (:mod:`umlip_latents.cluster`), which
+        read the sources themselves: give ``.npy`` paths (or memory maps) on a file system they
+        share. With ``partitions=1`` each split (that of ``seed`` and the ``n_boot`` re-drawn
+        ones) is one task; with more, the splits run one after another and each pass's
+        partitions are the tasks (LFRE's neighbour search and local fits stay in this process).
+        The values are those of a run without a client with the same ``partitions``.
 
     Returns
     -------
@@ -462,6 +543,8 @@ def streamed_matrix(sources, metric=("gfre",), test_size=1000, stratify=None, se
     step = int(chunk_rows) if chunk_rows else max(256, _CHUNK_BYTES // (8 * width))
     if step < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    if isinstance(partitions, bool) or not isinstance(partitions, (int, np.integer)) or partitions < 1:
+        raise ValueError(f"partitions must be a positive integer, got {partitions!r}")
     labels = None if stratify is None else np.asarray(stratify)
     if isinstance(n_local_points, str) and n_local_points != "determined":
         raise ValueError(f"n_local_points must be an integer, 'determined' or None, got {n_local_points!r}")
@@ -469,17 +552,21 @@ def streamed_matrix(sources, metric=("gfre",), test_size=1000, stratify=None, se
         raise ValueError(f"n_local_points={n_local_points}: must be at least 2 and at most the {n} atoms")
 
     split = dict(readers=readers, names=names, metrics=metrics, n=n, test_size=test_size, labels=labels, opts=opts,
-                 device=str(dev), step=step, n_local_points=n_local_points, batch_size=batch_size)
+                 device=str(dev), step=step, n_local_points=n_local_points, batch_size=batch_size,
+                 partitions=int(partitions))
     seeds = [seed + b for b in range(n_boot + 1)]
     if client is None:
         results = [_one_split(split_seed=s, progress=progress, **split) for s in seeds]
-    else:  # one task per split on the main-environment workers (numpy, torch, scikit-learn)
+    else:  # tasks on the main-environment workers (numpy, torch, scikit-learn)
         from ..cluster import resource, require_workers
 
         require_workers(client, "main", "streamed matrix")
-        futures = [client.submit(_one_split, split_seed=s, resources={resource("main"): 1}, pure=False, **split)
-                   for s in seeds]
-        results = client.gather(futures)
+        if partitions > 1:
+            results = [_one_split(split_seed=s, client=client, **split) for s in seeds]
+        else:
+            futures = [client.submit(_one_split, split_seed=s, resources={resource("main"): 1}, pure=False, **split)
+                       for s in seeds]
+            results = client.gather(futures)
     (values, n_train, n_test), boots = results[0], [r[0] for r in results[1:]]
     rows, replicates = [], []
     for m in metrics:
@@ -493,7 +580,8 @@ def streamed_matrix(sources, metric=("gfre",), test_size=1000, stratify=None, se
                                for b, r in enumerate(reps)]
     df = pd.DataFrame(rows, columns=["source", "target", "metric", "value", "ci_low", "ci_high"])
     df.attrs.update(n_train=n_train, n_test=n_test, seed=seed, n_boot=n_boot, device=str(dev), test_size=test_size,
-                    n_local_points=n_local_points, alpha_type=alpha_type, alphas=opts["alphas"].tolist(), streamed=True, chunk_rows=step)
+                    n_local_points=n_local_points, alpha_type=alpha_type, alphas=opts["alphas"].tolist(), streamed=True,
+                    chunk_rows=step, partitions=int(partitions))
     if boots:
         df.attrs["replicates"] = replicates
     return df
