@@ -144,32 +144,31 @@ def test_request_folders_of_dead_parents_are_removed(tmp_path):
 
 
 BEFORE_THE_REQUEST = """
-import os, sys, tempfile, time
+import os, signal, sys, tempfile, time
 from pathlib import Path
 from umlip_latents.extract.worker import REQUEST_PREFIX, _Server
 server = _Server(Path(sys.executable), dict(os.environ))
+time.sleep(float(sys.argv[1]))  # 0: the worker is still importing; 3: it waits for input
 Path(tempfile.mkdtemp(prefix=f"{REQUEST_PREFIX}{os.getpid()}-"))
-time.sleep(600)  # killed here: the worker never got the request
+os.kill(os.getpid(), signal.SIGKILL)  # before the request reaches the worker
 """
 
 
-def test_a_parent_killed_before_handing_over_the_request_leaves_no_folder(tmp_path):
+@pytest.mark.parametrize("delay", [0, 3])
+def test_a_parent_killed_before_handing_over_the_request_leaves_no_folder(delay, tmp_path):
     """The window between the request folder and the line to the worker: at the end of its
-    input the worker removes its dead parent's folders."""
+    input (no ``quit`` line) the worker removes its dead parent's folders, also when the pipe
+    closes before the parent is reaped (a kept worker waiting for input)."""
     import os
     import subprocess
     import sys
     import time
 
     env = dict(os.environ, TMPDIR=str(tmp_path))
-    parent = subprocess.Popen([sys.executable, "-c", BEFORE_THE_REQUEST], env=env)
+    parent = subprocess.run([sys.executable, "-c", BEFORE_THE_REQUEST, str(delay)], env=env, timeout=120)
+    assert parent.returncode == -9
     deadline = time.monotonic() + 60
-    while not list(tmp_path.glob("umlip-worker-*")) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert list(tmp_path.glob("umlip-worker-*")), "the parent never made its folder"
-    parent.kill()
-    parent.wait()
-    while list(tmp_path.glob("umlip-worker-*")) and time.monotonic() < deadline + 60:
+    while list(tmp_path.glob("umlip-worker-*")) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert list(tmp_path.glob("umlip-worker-*")) == []
 

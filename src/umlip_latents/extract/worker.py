@@ -25,9 +25,10 @@ changed (those choose checkpoints, folders, devices and threads).
 ``UMLIP_LATENTS_KEEP_WORKERS=0`` runs one process per call instead.
 
 Request folders are named ``umlip-worker-<parent pid>-*`` in the temporary folder. Nothing is
-left when the parent is killed: a kept worker is started before the request folder exists, and
-one whose parent died (mid-request, or before the request reached it) removes the parent's
-folders; every call also removes those of parents no longer alive.
+left when the parent is killed: a kept worker is started before the request folder exists; it is
+stopped by a ``quit`` line, so end of input without one means its parent died (mid-request, or
+before the request reached it), and it then removes the request folders of dead parents; every
+call also removes those.
 """
 
 from __future__ import annotations
@@ -62,6 +63,19 @@ KEY_VARIABLES = ("UMLIP_LATENTS_", "HF_", "CUDA_", "TORCH_", "OMP_", "MKL_", "OP
 TIMEOUT_VAR = "UMLIP_LATENTS_WORKER_TIMEOUT"
 #: request folders are ``<tmp>/umlip-worker-<pid of the parent>-<random>``
 REQUEST_PREFIX = "umlip-worker-"
+#: the line a parent sends its kept worker to stop it; end of input without it means the parent died
+QUIT = "quit"
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (an unreaped zombie counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        pass
+    return True
 
 
 def remove_orphaned_requests(root: str | os.PathLike | None = None) -> list[Path]:
@@ -74,15 +88,14 @@ def remove_orphaned_requests(root: str | os.PathLike | None = None) -> list[Path
     removed = []
     for path in Path(root or tempfile.gettempdir()).glob(f"{REQUEST_PREFIX}*-*"):
         pid = path.name[len(REQUEST_PREFIX):].split("-")[0]
-        if not pid.isdigit() or not path.is_dir() or path.stat().st_uid != os.getuid():
-            continue
         try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+            if not pid.isdigit() or not path.is_dir() or path.stat().st_uid != os.getuid():
+                continue
+        except FileNotFoundError:  # removed meanwhile by another cleaner
+            continue
+        if not _alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
-        except PermissionError:  # alive, another user's
-            pass
     return removed
 
 
@@ -201,7 +214,11 @@ class _Server:
         if os.getpid() != self.owner:  # a forked child must not stop its parent's worker
             return
         if self.proc.poll() is None:
-            self.proc.stdin.close()  # the worker's loop ends at end of input
+            try:
+                self.proc.stdin.write(f"{QUIT}\n")
+                self.proc.stdin.close()
+            except (BrokenPipeError, OSError):
+                pass
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -417,13 +434,15 @@ def serve(parent: int | None = None) -> int:
     answers = os.fdopen(os.dup(sys.stdout.fileno()), "w")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     # the pid the parent gave, not getppid() here: a parent killed while this process was still
-    # importing has already been replaced by init
+    # importing has already been replaced by init (and a wrapper script may stand in between)
     parent = os.getppid() if parent is None else parent
     for line in sys.stdin:
+        if line.strip() == QUIT:
+            return 0
         folder = Path(line.strip())
         handle(folder)
         try:
-            if os.getppid() != parent:  # the parent was killed mid-request: nobody reads or removes the answer
+            if not _alive(parent):  # killed mid-request: nobody reads or removes the answer
                 raise BrokenPipeError
             answers.write("done\n")
             answers.flush()
@@ -431,11 +450,13 @@ def serve(parent: int | None = None) -> int:
             if folder.name.startswith(REQUEST_PREFIX):
                 shutil.rmtree(folder, ignore_errors=True)
             break
-    if os.getppid() != parent:
-        # killed before it handed the request over (or while it did): its folders have no owner
-        for orphan in Path(tempfile.gettempdir()).glob(f"{REQUEST_PREFIX}{parent}-*"):
-            if orphan.is_dir() and orphan.stat().st_uid == os.getuid():
-                shutil.rmtree(orphan, ignore_errors=True)
+    # end of input without QUIT: the parent died, maybe before its request reached this process.
+    # Its pipe closes a moment before it is reaped, so wait for that, then remove the request
+    # folders of dead parents (never of a live process: a reused pid is left alone).
+    deadline = time.monotonic() + 10
+    while _alive(parent) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    remove_orphaned_requests()
     return 0
 
 
