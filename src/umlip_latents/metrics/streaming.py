@@ -46,6 +46,7 @@ from __future__ import annotations
 import mmap
 import os
 from collections.abc import Mapping
+from functools import reduce  # partials first to last: the first as it is, then add(total, next)
 from pathlib import Path
 
 import numpy as np
@@ -175,14 +176,6 @@ def partition_bounds(n: int, partitions: int) -> list[tuple[int, int]]:
     return [(int(lo), int(hi)) for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]
 
 
-def _in_order(parts, add):
-    """Partials combined first to last: the first as it is, then ``add(total, part)`` for the others."""
-    total = parts[0]
-    for part in parts[1:]:
-        total = add(total, part)
-    return total
-
-
 def _partial(p: "_Pass", name: str, lo: int, hi: int, *args):
     """``p.<name>(lo, hi, *args)``: one partition's part of a pass (a task on a cluster's worker)."""
     return getattr(p, name)(lo, hi, *args)
@@ -257,7 +250,7 @@ class _Pass:
         return total
 
     def means(self):
-        self.mean = _in_order(self._map("_sum_part"), lambda a, b: a + b) / self.n_train
+        self.mean = reduce(lambda a, b: a + b, self._map("_sum_part")) / self.n_train
 
     def _factor_part(self, lo: int, hi: int):
         """Rows ``lo:hi``'s Gram matrices and per-model R factors of both CV folds (centred, unscaled)."""
@@ -285,7 +278,7 @@ class _Pass:
                     [[R if len(S) == 0 else (S if len(R) == 0 else torch.linalg.qr(torch.cat([R, S]), mode="r").R)
                       for R, S in zip(rs, ss)] for rs, ss in zip(total[1], part[1])])
 
-        self.gram, self.R = _in_order(self._map("_factor_part"), add)
+        self.gram, self.R = reduce(add, self._map("_factor_part"))
         var = torch.stack([torch.diagonal(self.gram[0] + self.gram[1])[a:b].sum()
                            for a, b in zip(self.off[:-1], self.off[1:])]) / self.n_train
         for m, v in enumerate(var.tolist()):
@@ -337,8 +330,8 @@ class _Pass:
     def errors(self, metrics):
         """RMS error of every (metric, source, target) on the test rows: ``{metric: (k, k)}``."""
         fits = [self.fit(m, "gfrd" in metrics) for m in range(len(self.widths))]
-        sums = _in_order(self._map("_error_part", fits, metrics),
-                         lambda total, part: {metric: total[metric] + part[metric] for metric in metrics})
+        sums = reduce(lambda total, part: {metric: total[metric] + part[metric] for metric in metrics},
+                      self._map("_error_part", fits, metrics))
         return {metric: (v / self.n_test).sqrt().cpu().numpy() for metric, v in sums.items()}
 
     def _error_part(self, lo: int, hi: int, fits, metrics):
