@@ -244,6 +244,20 @@ def test_bad_input():
         metrics.reconstruction_matrix({"a": X, "b": Y}, metric="lfre", test_size=10, n_local_points=101)
     with pytest.raises(ValueError, match="n_atoms differ"):
         metrics.reconstruction_matrix({"a": X, "b": Y[:90]})
+    # a NaN or inf in a training or a test atom: the model and the atom are named, for every metric
+    tr, te = metrics.split_indices(100, 10, None, 0)
+    for atom, bad in ((tr[3], np.nan), (te[2], np.inf), (tr[0], -np.inf)):
+        Yb = Y.copy()
+        Yb[atom, 1] = bad
+        for metric in ("gfre", "lfre"):
+            with pytest.raises(ValueError, match=rf"features\['b'\] holds NaN or infinite values \(atoms {atom}\)"):
+                metrics.reconstruction_matrix({"a": X, "b": Yb}, metric=metric, test_size=10, device="cpu")
+    # finite values whose variance overflows: an error, not a silent scale of infinity
+    huge = Y * np.array([1e200, 1, 1, 1])
+    for call in (lambda: metrics.gfre(X, huge, device="cpu"),
+                 lambda: metrics.reconstruction_matrix({"a": X, "b": huge}, test_size=10, device="cpu")):
+        with pytest.raises(ValueError, match="too large to scale"):
+            call()
     other = species.copy()
     other[3] = 8
     with pytest.raises(ValueError, match="atom 3"):

@@ -77,6 +77,16 @@ def _resolve_split(n: int, train_idx, test_idx) -> tuple[np.ndarray, np.ndarray]
     return out[0], out[1]
 
 
+def non_finite_message(A, rows, name: str) -> str:
+    """What to say when ``A``'s rows ``rows`` hold a NaN or an infinity: the first such rows (atoms)."""
+    rows = np.asarray(rows)
+    atoms = np.sort(rows[~np.isfinite(np.asarray(A[rows], dtype=np.float64)).all(1)])
+    if not len(atoms):   # finite values whose variance overflows
+        return f"{name} holds values too large to scale (their variance overflows float64)"
+    return (f"{name} holds NaN or infinite values (atoms {', '.join(map(str, atoms[:5]))}"
+            f"{', ...' if len(atoms) > 5 else ''})")
+
+
 def _scale_split(A, train_idx, test_idx, name: str) -> tuple[np.ndarray, np.ndarray]:
     """Train and test rows of ``A`` (float64), centred and scaled by the training rows.
 
@@ -89,10 +99,13 @@ def _scale_split(A, train_idx, test_idx, name: str) -> tuple[np.ndarray, np.ndar
     train = np.asarray(A[train_idx], dtype=np.float64)   # integer indexing copies: safe to scale in place
     test = np.asarray(A[test_idx], dtype=np.float64)
     if not (np.isfinite(train).all() and np.isfinite(test).all()):
-        raise ValueError(f"{name} holds NaN or infinite values")
+        raise ValueError(non_finite_message(A, np.concatenate([train_idx, test_idx]), name))
     mean = train.mean(axis=0)
     train -= mean
-    var = (train ** 2).mean(axis=0).sum()
+    with np.errstate(over="ignore"):
+        var = (train ** 2).mean(axis=0).sum()
+    if not np.isfinite(var):
+        raise ValueError(non_finite_message(A, np.concatenate([train_idx, test_idx]), name))
     if var < 1e-12:
         raise ValueError(f"{name} has zero variance on the training rows; it cannot be scaled")
     scale = np.sqrt(var)
@@ -190,12 +203,15 @@ class _Folds:
     def __init__(self, Y, widths, random_state, presorted: bool = False):
         import torch
 
-        order, n1 = fold_order(len(Y), random_state)
-        self.order = None if presorted else torch.as_tensor(order, device=Y.device)
+        if presorted:  # only fold 1's size is needed
+            self.order, n1 = None, len(Y) // 2   # KFold(2): the first split's training part, floor(n / 2)
+        else:
+            order, n1 = fold_order(len(Y), random_state)
+            self.order = torch.as_tensor(order, device=Y.device)
+            Y = Y[self.order]
         self.slices = [slice(0, n1), slice(n1, len(Y))]
-        Y = Y if presorted else Y[self.order]
         self.Y = [Y[sl] for sl in self.slices]
-        self.yy = [torch.linalg.vector_norm(y, dim=0) ** 2 for y in self.Y]
+        self.yy = [(y * y).sum(0) for y in self.Y]
         self.widths = list(widths)
 
 
@@ -205,15 +221,18 @@ class _GlobalRidge:
     Each fold is factorised as ``X_a = Q_a R_a``, ``R_a = U_R S V^T``, so ``U_a = Q_a U_R`` and
     ``U_a^T Y_a`` is as accurate as with an SVD of the data; the SVD of all training rows
     comes from the QR of the stacked ``R_1, R_2``. Targets enter only through ``Q_a^T Y_a``.
+
+    ``own=(lo, hi)`` says that the targets' columns ``lo:hi`` are ``X`` itself (a model among
+    the targets it reconstructs): their ``Q_a^T Y_a`` is ``R_a``, not computed again.
     """
 
-    def __init__(self, X, folds: _Folds, alphas, alpha_type):
+    def __init__(self, X, folds: _Folds, alphas, alpha_type, own=None):
         import torch
 
         n, dim = X.shape
         X = X if folds.order is None else X[folds.order]
         QR = [torch.linalg.qr(X[sl]) for sl in folds.slices]
-        QtY = [q.T @ y for (q, _), y in zip(QR, folds.Y)]
+        QtY = [_project(q, r, y, own) for (q, r), y in zip(QR, folds.Y)]
         svd = [torch.linalg.svd(r, full_matrices=False) for _, r in QR]
         rcond = max(n, dim) * np.finfo(np.float64).eps  # scipy.linalg.pinv's default, as skmatter
         scaled, cut = _alpha_cuts(svd[0].S[None], svd[1].S[None], alphas, alpha_type, rcond)
@@ -235,24 +254,41 @@ class _GlobalRidge:
         return self.Vh.T @ (self.s[:, None] * self.W[:, cols])
 
 
+def _project(q, r, y, own):
+    """``q^T y``, where ``y[:, lo:hi]`` is ``q r`` when ``own=(lo, hi)`` (then that block is ``r``)."""
+    import torch
+
+    if own is None:
+        return q.T @ y
+    lo, hi = own
+    return torch.cat([q.T @ y[:, :lo], r, q.T @ y[:, hi:]], 1)
+
+
 def _offsets(widths) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(widths)]).astype(int)
 
 
-def _global_errors(X_train, X_test, folds: _Folds, Y_test, *, alphas, alpha_type, distortion=False) -> list:
-    """Pointwise GFRE (or GFRD) of every target in ``folds``: list of (n_test,) tensors."""
+def _global_errors(X_train, X_test, folds: _Folds, Y_test, *, alphas, alpha_type, distortion=False,
+                   own=None) -> list:
+    """Pointwise GFRE (or GFRD) of every target in ``folds``: list of (n_test,) tensors.
+
+    ``own``: as for :class:`_GlobalRidge`.
+    """
     import torch
 
-    fit = _GlobalRidge(X_train, folds, alphas, alpha_type)
-    Z = X_test @ fit.Vs
+    fit = _GlobalRidge(X_train, folds, alphas, alpha_type, own)
     if distortion:
+        Z = X_test @ fit.Vs
         off = _offsets(folds.widths)
         return [_distortion(fit.train_cross(slice(lo, hi)), X_test, Z @ fit.W[:, lo:hi])
                 for lo, hi in zip(off[:-1], off[1:])]
+    coef = fit.Vs @ fit.W   # (D, targets' columns), applied to the test rows as skmatter's coef_
     step = max(1, _BATCH_BYTES // (16 * Y_test.shape[1]))
-    norms = [torch.stack([torch.linalg.vector_norm(r, dim=1) for r in torch.addmm(
-        Y_test[lo:lo + step], Z[lo:lo + step], fit.W, alpha=-1.0).split(folds.widths, 1)], 1)
-        for lo in range(0, len(Z), step)]
+    norms = []
+    for lo in range(0, len(X_test), step):
+        pred = X_test[lo:lo + step] @ coef
+        residual = torch.sub(Y_test[lo:lo + step], pred, out=pred)   # in place: no copy of the targets first
+        norms.append(torch.stack([torch.linalg.vector_norm(r, dim=1) for r in residual.split(folds.widths, 1)], 1))
     return list(torch.cat(norms).T)
 
 

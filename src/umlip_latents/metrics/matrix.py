@@ -17,6 +17,7 @@ from ._engine import (
     _global_errors,
     _local_errors,
     _rms,
+    non_finite_message,
     RANDOM_STATE,
     METRICS,
 )
@@ -104,24 +105,54 @@ def split_indices(n: int, test_size=1000, stratify=None, seed: int = 0) -> tuple
 _GLOBAL = ("gfre", "gfrd", "nonlinear_gfre")
 
 
-def _scaled_blocks(arrays, train_idx, test_idx, row_order=None) -> tuple[np.ndarray, np.ndarray]:
+def _scaled_blocks(arrays, train_idx, test_idx, row_order=None, names=None) -> tuple[np.ndarray, np.ndarray]:
     """Every model's scaled train and test rows side by side (float64), train rows in ``row_order``.
 
     One model is upcast at a time, so besides the float32 inputs the peak is this pair of
-    buffers plus one model's float64 copy.
+    buffers plus one model's float64 copy. Without ``row_order`` the values are bit-identical
+    to skmatter's scaler (:func:`_scale_split`: LFRE's neighbour ties depend on it); with it,
+    each model is gathered straight into its block in that order and scaled there, which
+    changes them only by rounding (the mean sums the rows in another order). ``names``: the
+    models' keys, which errors name (default: their positions).
     """
     off = _offsets([a.shape[1] for a in arrays])
+    labels = [f"features[{k!r}]" for k in (names or range(len(arrays)))]
     train, test = np.empty((len(train_idx), off[-1])), np.empty((len(test_idx), off[-1]))
+    rows = train_idx if row_order is None else np.asarray(train_idx)[row_order]
     for i, a in enumerate(arrays):
-        tr, te = _scale_split(a, train_idx, test_idx, f"features[{i}]")
-        train[:, off[i]:off[i + 1]] = tr if row_order is None else tr[row_order]
-        test[:, off[i]:off[i + 1]] = te
-        del tr, te
+        if row_order is None:
+            train[:, off[i]:off[i + 1]], test[:, off[i]:off[i + 1]] = _scale_split(a, train_idx, test_idx,
+                                                                                   labels[i])
+        else:
+            _scale_into(a, rows, test_idx, train[:, off[i]:off[i + 1]], test[:, off[i]:off[i + 1]], labels[i])
     return train, test
 
 
-def _matrix_values(arrays, metrics, train_idx, test_idx, opts, dev) -> dict:
-    """``{(metric, source, target): value}`` on one split; models by position.
+def _scale_into(A, train_rows, test_rows, train, test, name: str) -> None:
+    """``A``'s rows ``train_rows`` and ``test_rows`` into ``train`` and ``test``, scaled as :func:`_scale_split`.
+
+    The same centring and scaling by the training rows, in fewer passes over the data.
+    """
+    if A.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (n_samples, n_features), got shape {tuple(A.shape)}")
+    rows = np.asarray(A[train_rows], dtype=np.float64)   # integer indexing copies: safe to scale in place
+    with np.errstate(invalid="ignore", over="ignore"):   # a NaN or inf among the training rows reaches var
+        mean = rows.mean(axis=0)
+        rows -= mean
+        var = np.vdot(rows, rows) / len(rows)
+    held = np.asarray(A[test_rows], dtype=np.float64)
+    if not (np.isfinite(var) and np.isfinite(held).all()):
+        raise ValueError(non_finite_message(A, np.concatenate([train_rows, test_rows]), name))
+    if var < 1e-12:
+        raise ValueError(f"{name} has zero variance on the training rows; it cannot be scaled")
+    scale = np.sqrt(var)
+    np.divide(rows, scale, out=train)
+    held -= mean
+    np.divide(held, scale, out=test)
+
+
+def _matrix_values(arrays, metrics, train_idx, test_idx, opts, dev, names=None) -> dict:
+    """``{(metric, source, target): value}`` on one split; models by position (``names``: their keys, for errors).
 
     The global fits see the training rows in CV-fold order (so the folds are views of one
     buffer); LFRE and CKA see them in the split's order, which keeps LFRE's neighbour ties as
@@ -135,7 +166,7 @@ def _matrix_values(arrays, metrics, train_idx, test_idx, opts, dev) -> dict:
     glob = [m for m in metrics if m in _GLOBAL]
     if glob:
         order, _ = fold_order(len(train_idx), opts["random_state"])
-        train_np, test_np = _scaled_blocks(arrays, train_idx, test_idx, order)
+        train_np, test_np = _scaled_blocks(arrays, train_idx, test_idx, order, names)
         train, test = _tensor(train_np, dev), _tensor(test_np, dev)
         folds = _Folds(train, widths, opts["random_state"], presorted=True)
         inverse = np.argsort(order)
@@ -145,15 +176,16 @@ def _matrix_values(arrays, metrics, train_idx, test_idx, opts, dev) -> dict:
                     F = rbf_features(train_np[inverse, lo:hi], test_np[:, lo:hi], None, opts["n_components"],
                                       opts["seed"])
                     Xtr, Xte = _tensor(F[0][order], dev), _tensor(F[1], dev)
+                    own = None
                 else:
-                    Xtr, Xte = train[:, lo:hi], test[:, lo:hi]
-                errs = _global_errors(Xtr, Xte, folds, test, distortion=metric == "gfrd", **ridge)
+                    Xtr, Xte, own = train[:, lo:hi], test[:, lo:hi], (lo, hi)
+                errs = _global_errors(Xtr, Xte, folds, test, distortion=metric == "gfrd", own=own, **ridge)
                 for t, e in enumerate(errs):
                     out[metric, s, t] = _rms(e.cpu().numpy())
         del train_np, test_np, train, test, folds
     local = [m for m in metrics if m not in _GLOBAL]
     if local:
-        train_np, test_np = _scaled_blocks(arrays, train_idx, test_idx)
+        train_np, test_np = _scaled_blocks(arrays, train_idx, test_idx, names=names)
         train, test = _tensor(train_np, dev), _tensor(test_np, dev)
         for metric in local:
             for s, (lo, hi) in enumerate(blocks):
@@ -267,8 +299,8 @@ def reconstruction_matrix(features, metric="gfre", test_size=1000, stratify=None
     labels = _labels(stratify, subsets, fsets, n)
     dev = _device(device)
     train_idx, test_idx = split_indices(n, test_size, labels, seed)
-    values = _matrix_values(arrays, metrics, train_idx, test_idx, opts, dev)
-    boots = [_matrix_values(arrays, metrics, *split_indices(n, test_size, labels, seed + 1 + b), opts, dev)
+    values = _matrix_values(arrays, metrics, train_idx, test_idx, opts, dev, names)
+    boots = [_matrix_values(arrays, metrics, *split_indices(n, test_size, labels, seed + 1 + b), opts, dev, names)
              for b in range(n_boot)]
     rows = []
     for (m, s, t), v in values.items():
